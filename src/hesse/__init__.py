@@ -1,0 +1,38 @@
+"""hesse: second-order information about PyTorch models, exactly or matrix-free, in one call.
+
+The seed API (``model_hessian_matrix``, ``loss_hessian_matrix``, their dict forms and the
+sharpness functions) works verbatim; see ``README.md`` for a tour.
+"""
+
+from hesse._dense import (
+    loss_hessian_diagonal,
+    loss_hessian_dict,
+    loss_hessian_matrix,
+    loss_sharpness,
+    model_hessian_diagonal,
+    model_hessian_dict,
+    model_hessian_matrix,
+    model_sharpness,
+    per_sample_loss_hessian,
+)
+from hesse._layout import ParamLayout
+from hesse._memory import MemoryBudgetError
+from hesse._transforms import PerformanceWarning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MemoryBudgetError",
+    "ParamLayout",
+    "PerformanceWarning",
+    "__version__",
+    "loss_hessian_diagonal",
+    "loss_hessian_dict",
+    "loss_hessian_matrix",
+    "loss_sharpness",
+    "model_hessian_diagonal",
+    "model_hessian_dict",
+    "model_hessian_matrix",
+    "model_sharpness",
+    "per_sample_loss_hessian",
+]

@@ -1,0 +1,194 @@
+"""Parameter layout: the one place that maps named parameter blocks to flat rows and columns."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ParamLayout", "select_parameters"]
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names, shapes and offsets of the parameter blocks of one flat parameter vector.
+
+    Block ``i`` occupies rows ``offsets[i]:offsets[i] + numels[i]`` of every flat vector and of
+    every row and column of an ``(N, N)`` matrix built on this layout, in the order of ``names``.
+
+    Attributes:
+        names: Parameter names, in ``model.named_parameters()`` order.
+        shapes: The shape of each parameter.
+        dtype: The common dtype of the parameters.
+        device: The common device of the parameters.
+
+    Example:
+        >>> layout = ParamLayout(("w", "b"), (torch.Size([2, 3]), torch.Size([2])),
+        ...                      torch.float64, torch.device("cpu"))
+        >>> layout.numel, layout.offsets, layout.slice("b")
+        (8, (0, 6), slice(6, 8, None))
+        >>> layout.unflatten(torch.arange(8.0))["w"]
+        tensor([[0., 1., 2.],
+                [3., 4., 5.]])
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def from_module(cls, model: nn.Module, params: str | Sequence[str] | None = None) -> ParamLayout:
+        """The layout of ``model``'s parameters selected by ``params`` (see `select_parameters`)."""
+        selected = select_parameters(model, params)
+        dtypes = {p.dtype for _, p in selected}
+        devices = {p.device for _, p in selected}
+        if len(dtypes) > 1 or len(devices) > 1:
+            found = ", ".join(f"{n}: {p.dtype} on {p.device}" for n, p in selected)
+            raise ValueError(
+                "params: the selected parameters must share one dtype and one device to form one "
+                f"flat vector, got {found}; select a subset with params=[...] or convert the model "
+                "with model.to(dtype, device)."
+            )
+        names = tuple(n for n, _ in selected)
+        shapes = tuple(p.shape for _, p in selected)
+        return cls(names, shapes, dtypes.pop(), devices.pop())
+
+    @cached_property
+    def numels(self) -> tuple[int, ...]:
+        """Number of entries of each block."""
+        return tuple(s.numel() for s in self.shapes)
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """First flat index of each block."""
+        offsets, total = [], 0
+        for n in self.numels:
+            offsets.append(total)
+            total += n
+        return tuple(offsets)
+
+    @property
+    def numel(self) -> int:
+        """Total number of entries ``N``."""
+        return sum(self.numels)
+
+    def slice(self, name: str) -> slice:
+        """Flat index range of block ``name``."""
+        i = self.names.index(name)
+        return slice(self.offsets[i], self.offsets[i] + self.numels[i])
+
+    def restrict(self, names: Iterable[str]) -> ParamLayout:
+        """The layout of a subset of the blocks, in this layout's order."""
+        keep = set(names)
+        idx = [i for i, n in enumerate(self.names) if n in keep]
+        return ParamLayout(
+            tuple(self.names[i] for i in idx),
+            tuple(self.shapes[i] for i in idx),
+            self.dtype,
+            self.device,
+        )
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate one tensor per block into a flat ``(N,)`` vector."""
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split the last dim of ``flat`` (``(..., N)``) into one view per block."""
+        lead = flat.shape[:-1]
+        parts = flat.split(self.numels, dim=-1)
+        return {n: p.view(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def gather(self, model: nn.Module) -> Tensor:
+        """The current values of the blocks of ``model`` as a detached flat vector."""
+        named = dict(model.named_parameters(remove_duplicate=False))
+        return torch.cat([named[n].detach().reshape(-1) for n in self.names])
+
+    def unflatten_matrix(self, matrix: Tensor) -> dict[str, dict[str, Tensor]]:
+        """Split ``(..., N, N)`` into ``d[P][Q]`` of shape ``(..., *shape(P), *shape(Q))``.
+
+        This is the layout of ``torch.func.hessian`` applied to a dict of parameters.
+        """
+        lead = matrix.shape[:-2]
+        return {
+            p: {
+                q: matrix[..., self.slice(p), self.slice(q)].reshape(*lead, *sp, *sq)
+                for q, sq in zip(self.names, self.shapes)
+            }
+            for p, sp in zip(self.names, self.shapes)
+        }
+
+
+def select_parameters(
+    model: nn.Module, params: str | Sequence[str] | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """Select parameters of ``model`` by name or glob pattern.
+
+    Args:
+        model: The module whose parameters are selected.
+        params: ``None`` selects every parameter with ``requires_grad=True``. Otherwise one name
+            or glob pattern (``"encoder.*"``) or a sequence of them. A frozen parameter named
+            exactly is selected (it was asked for); one matched only by a pattern is not.
+            Tied parameters count once, under the name ``model.named_parameters()`` gives them;
+            an alias selects its canonical parameter.
+
+    Returns:
+        ``(name, parameter)`` pairs in ``model.named_parameters()`` order.
+
+    Raises:
+        TypeError: ``params`` is not a string, a sequence of strings or None.
+        ValueError: A name matches no parameter, or the selection is empty.
+    """
+    canonical = list(model.named_parameters())
+    if params is None:
+        selected = [(n, p) for n, p in canonical if p.requires_grad]
+        if not selected:
+            raise ValueError(
+                f"model: {type(model).__name__} has no parameters with requires_grad=True "
+                f"(it has {len(canonical)} parameter tensors); pass params=[names] to select "
+                "frozen parameters explicitly, or unfreeze them with p.requires_grad_()."
+            )
+        return selected
+
+    if isinstance(params, str):
+        requested: list[str] = [params]
+    elif isinstance(params, Sequence) and all(isinstance(n, str) for n in params):
+        requested = list(params)
+    else:
+        raise TypeError(
+            "params: expected None, a parameter name or glob pattern, or a list of them, "
+            f"got {params!r} of type {type(params).__name__}; for example params=['fc.weight']."
+        )
+
+    by_id = {id(p): n for n, p in canonical}
+    alias = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    chosen: set[str] = set()
+    for name in requested:
+        if _GLOB_CHARS.isdisjoint(name):
+            if name not in alias:
+                valid = ", ".join(n for n, _ in canonical) or "(none)"
+                raise ValueError(
+                    f"params: {name!r} is not a parameter of {type(model).__name__}; "
+                    f"valid names are: {valid}. Glob patterns such as 'layer.*' are allowed."
+                )
+            chosen.add(alias[name])
+        else:
+            chosen.update(
+                alias[n]
+                for n, p in model.named_parameters(remove_duplicate=False)
+                if p.requires_grad and fnmatch.fnmatchcase(n, name)
+            )
+    selected = [(n, p) for n, p in canonical if n in chosen]
+    if not selected:
+        trainable = ", ".join(n for n, p in canonical if p.requires_grad) or "(none)"
+        raise ValueError(
+            f"params: {requested!r} selects no trainable parameter of {type(model).__name__}; "
+            f"trainable names are: {trainable}."
+        )
+    return selected

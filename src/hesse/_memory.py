@@ -1,0 +1,148 @@
+"""Memory planning: estimate what a dense call needs, pick a chunk, refuse before allocating."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["MemoryBudgetError", "ChunkPlan", "available_bytes", "activation_bytes", "plan_chunk"]
+
+# Columns per vectorised pass when memory allows. Measured on 2 CPU threads (MLP, N=7,770,
+# batch 256): 128 -> 0.31, 256 -> 0.30, 512 -> 0.52 ms per column; larger chunks leave the cache.
+TARGET_COLUMNS = 256
+# Fraction of the available memory a call may plan to use; the rest is for the user's process.
+MEMORY_FRACTION = 0.8
+# Second backward passes hold about this many copies of the forward's saved activations.
+ACTIVATION_FACTOR = 4
+
+
+class MemoryBudgetError(MemoryError):
+    """A dense computation would need more memory than the device has; raised before allocating."""
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How a dense computation will run and what it is estimated to need, in bytes."""
+
+    chunk: int
+    output_bytes: int
+    working_bytes: int
+    available: int | None
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device``, or None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def activation_bytes(f: Callable[[Tensor], object], theta: Tensor) -> int:
+    """Bytes autograd saves for one evaluation of ``f`` at ``theta`` (its activations)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+        return t
+
+    t = theta.detach().requires_grad_()
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        f(t)
+    return total
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def plan_chunk(
+    *,
+    what: str,
+    n: int,
+    lead: tuple[int, ...],
+    output_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk_size: int | None,
+    activations: Callable[[], int],
+    alternatives: str,
+) -> ChunkPlan:
+    """Choose the number of identity columns per pass and check that the call fits in memory.
+
+    Args:
+        what: The public function, for messages.
+        n: Number of parameters ``N``.
+        lead: Leading shape of each column's result (``(B, *O)``, ``(*O)`` or ``()``).
+        output_shape: Shape of the final result.
+        dtype, device: Where the result lives.
+        chunk_size: The user's choice, or None for automatic.
+        activations: Measures the saved-activation bytes of one evaluation; called only when
+            the output itself fits, so a hopeless call fails within milliseconds.
+        alternatives: Cheaper calls to suggest, for messages.
+
+    Raises:
+        MemoryBudgetError: The estimate exceeds the available memory.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    out_bytes = math.prod(output_shape) * itemsize
+    available = available_bytes(device)
+    budget = None if available is None else int(available * MEMORY_FRACTION)
+
+    def fail(needed: int, detail: str) -> MemoryBudgetError:
+        shape = " x ".join(map(str, output_shape))
+        return MemoryBudgetError(
+            f"{what}: needs about {format_bytes(needed)} ({detail}) but about "
+            f"{format_bytes(budget or 0)} can be used on {device} "
+            f"({format_bytes(available or 0)} available). The result alone is {shape} {dtype} "
+            f"= {format_bytes(out_bytes)}. Cheaper alternatives: {alternatives}."
+        )
+
+    if budget is not None and out_bytes > budget:
+        raise fail(out_bytes, "the result alone")
+
+    lanes = math.prod(lead)
+    act = activations()
+    base = ACTIVATION_FACTOR * act
+    per_column = itemsize * n * (1 + 2 * lanes) + ACTIVATION_FACTOR * act
+    if chunk_size is None:
+        chunk = min(n, TARGET_COLUMNS)
+        if budget is not None:
+            fits = (budget - out_bytes - base) // max(per_column, 1)
+            chunk = max(1, min(chunk, fits))
+    else:
+        chunk = min(n, chunk_size)
+    working = base + chunk * per_column
+    if budget is not None and out_bytes + working > budget:
+        raise fail(
+            out_bytes + working,
+            f"result {format_bytes(out_bytes)} + working set {format_bytes(working)} "
+            f"for chunk_size={chunk}",
+        )
+    return ChunkPlan(chunk, out_bytes, working, available)
