@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hesse._compat import second_order_safe
 from hesse._functional import (
     loss_function,
     model_function,
@@ -26,13 +27,11 @@ from hesse._memory import activation_bytes, format_bytes, plan_chunk
 from hesse._state import evaluation_mode
 from hesse._transforms import (
     ColumnFn,
+    Fallbacks,
     dense_from_columns,
     diagonal_from_columns,
-    hvp_columns,
-    looped_hvp_columns,
-    looped_sample_hvp_columns,
-    sample_hvp_columns,
-    with_fallback,
+    hessian_columns,
+    sample_hessian_columns,
 )
 from hesse._validate import (
     batch_size,
@@ -80,19 +79,17 @@ def _check_flag(name: str, value: Any) -> bool:
     return value
 
 
-def _model_curvature(
-    model: nn.Module, inputs: Any, params: Params, is_batch: bool
-) -> _Curvature:
+def _model_curvature(model: nn.Module, inputs: Any, params: Params, is_batch: bool) -> _Curvature:
     check_model(model)
     args = normalize_inputs(inputs)
     _check_flag("is_batch", is_batch)
     layout = ParamLayout.from_module(model, params)
+    fallbacks = Fallbacks()
     if not is_batch:
         output = check_model_output(model(*args))
 
         def columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-            f = model_function(model, sub, args)
-            return with_fallback(hvp_columns(f, theta), looped_hvp_columns(f, theta))
+            return fallbacks(hessian_columns(model_function(model, sub, args), theta))
 
         def activations(sub: ParamLayout, theta: Tensor) -> int:
             return activation_bytes(model_function(model, sub, args), theta)
@@ -112,9 +109,8 @@ def _model_curvature(
         )
 
     def sample_columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-        g = sample_model_function(model, sub, sample_shape)
-        return with_fallback(
-            sample_hvp_columns(g, theta, args), looped_sample_hvp_columns(g, theta, args)
+        return fallbacks(
+            sample_hessian_columns(sample_model_function(model, sub, sample_shape), theta, args)
         )
 
     def sample_activations(sub: ParamLayout, theta: Tensor) -> int:
@@ -131,11 +127,11 @@ def _loss_curvature(
     check_criterion(criterion)
     args = normalize_inputs(inputs)
     layout = ParamLayout.from_module(model, params)
+    fallbacks = Fallbacks()
     check_scalar_loss(criterion(model(*args), target))
 
     def columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-        f = loss_function(model, sub, criterion, args, target)
-        return with_fallback(hvp_columns(f, theta), looped_hvp_columns(f, theta))
+        return fallbacks(hessian_columns(loss_function(model, sub, criterion, args, target), theta))
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
         return activation_bytes(loss_function(model, sub, criterion, args, target), theta)
@@ -157,13 +153,13 @@ def _sample_loss_curvature(
             f"({b}), got {given}."
         )
     layout = ParamLayout.from_module(model, params)
+    fallbacks = Fallbacks()
     check_scalar_loss(criterion(model(*(x[:1] for x in args)), target[:1]))
     samples = (target, *args)
 
     def columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-        g = sample_loss_function(model, sub, criterion)
-        return with_fallback(
-            sample_hvp_columns(g, theta, samples), looped_sample_hvp_columns(g, theta, samples)
+        return fallbacks(
+            sample_hessian_columns(sample_loss_function(model, sub, criterion), theta, samples)
         )
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
@@ -181,7 +177,9 @@ def _alternatives(c: _Curvature, diagonal_available: bool = True) -> str:
     blocks = sum(k * k for k in c.layout.numels) * lanes * itemsize
     options = []
     if diagonal_available:
-        options.append(f"the exact diagonal (*_hessian_diagonal, {format_bytes(n * lanes * itemsize)})")
+        options.append(
+            f"the exact diagonal (*_hessian_diagonal, {format_bytes(n * lanes * itemsize)})"
+        )
     if len(c.layout.names) > 1:
         options.append(f"diagonal_only=True in dict form ({format_bytes(blocks)})")
     options.append("params=[...] to select fewer parameters")
@@ -189,8 +187,14 @@ def _alternatives(c: _Curvature, diagonal_available: bool = True) -> str:
     return "; ".join(options)
 
 
-def _plan(c: _Curvature, sub: ParamLayout, theta: Tensor, what: str, out: tuple[int, ...],
-          chunk_size: int | None) -> int:
+def _plan(
+    c: _Curvature,
+    sub: ParamLayout,
+    theta: Tensor,
+    what: str,
+    out: tuple[int, ...],
+    chunk_size: int | None,
+) -> int:
     return plan_chunk(
         what=what,
         n=sub.numel,
@@ -224,9 +228,7 @@ def _diagonal(c: _Curvature, chunk_size: int | None, what: str) -> Tensor:
 
 def _diagonal_blocks(c: _Curvature, chunk_size: int | None, what: str) -> dict[str, Tensor]:
     """``{P: (*lead, n_P, n_P)}``: only the diagonal blocks are computed."""
-    return {
-        name: _dense(c, c.layout.restrict([name]), chunk_size, what) for name in c.layout.names
-    }
+    return {name: _dense(c, c.layout.restrict([name]), chunk_size, what) for name in c.layout.names}
 
 
 def _matrix(c: _Curvature, diagonal_only: bool, chunk_size: int | None, what: str) -> Tensor:
@@ -236,8 +238,14 @@ def _matrix(c: _Curvature, diagonal_only: bool, chunk_size: int | None, what: st
         return _dense(c, c.layout, chunk_size, what)
     n = c.layout.numel
     plan_chunk(  # the zero-filled result must fit before any block is computed
-        what=what, n=n, lead=c.lead, output_shape=(*c.lead, n, n), dtype=c.layout.dtype,
-        device=c.layout.device, chunk_size=1, activations=lambda: 0,
+        what=what,
+        n=n,
+        lead=c.lead,
+        output_shape=(*c.lead, n, n),
+        dtype=c.layout.dtype,
+        device=c.layout.device,
+        chunk_size=1,
+        activations=lambda: 0,
         alternatives=_alternatives(c),
     )
     out = torch.zeros(*c.lead, n, n, dtype=c.layout.dtype, device=c.layout.device)
@@ -268,9 +276,10 @@ def _largest_magnitude_eigenvalue(hessian: Tensor) -> Tensor:
 
 
 def _run(model: nn.Module, build: Callable[[], Any]) -> Any:
-    with evaluation_mode(check_model(model)), torch.no_grad():
-        result = build()
-    return result
+    # no_grad: torch.func transforms ignore it, but it stops autograd from recording a graph
+    # through parameters that were not selected.
+    with evaluation_mode(check_model(model)), torch.no_grad(), second_order_safe():
+        return build()
 
 
 # --------------------------------------------------------------------------------------------

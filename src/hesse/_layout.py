@@ -44,7 +44,9 @@ class ParamLayout:
     device: torch.device
 
     @classmethod
-    def from_module(cls, model: nn.Module, params: str | Sequence[str] | None = None) -> ParamLayout:
+    def from_module(
+        cls, model: nn.Module, params: str | Sequence[str] | None = None
+    ) -> ParamLayout:
         """The layout of ``model``'s parameters selected by ``params`` (see `select_parameters`)."""
         selected = select_parameters(model, params)
         dtypes = {p.dtype for _, p in selected}

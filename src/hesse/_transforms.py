@@ -29,8 +29,10 @@ __all__ = [
     "hvp_columns",
     "looped_hvp_columns",
     "sample_hvp_columns",
-    "looped_sample_hvp_columns",
-    "with_fallback",
+    "sample_loop_columns",
+    "Fallbacks",
+    "hessian_columns",
+    "sample_hessian_columns",
     "dense_from_columns",
     "diagonal_from_columns",
 ]
@@ -68,7 +70,9 @@ def sample_hvp_columns(
         def one(*sample: Tensor) -> Tensor:
             return hvp_columns(lambda t: g(t, *sample), theta)(tangents)
 
-        return vmap(one, out_dims=1)(*samples)
+        # out_dims=0 then movedim: vmap's out_dims=1 fails to expand a result that does not
+        # depend on the sample (a zero Hessian block), as of torch 2.13.
+        return vmap(one)(*samples).movedim(0, 1)
 
     return columns
 
@@ -103,50 +107,93 @@ def looped_hvp_columns(f: Callable[[Tensor], Tensor], theta: Tensor) -> ColumnFn
     return columns
 
 
-def looped_sample_hvp_columns(
-    g: Callable[..., Tensor], theta: Tensor, samples: tuple[Tensor, ...]
+def sample_loop_columns(
+    columns_of: Callable[[tuple[Tensor, ...]], ColumnFn], samples: tuple[Tensor, ...]
 ) -> ColumnFn:
-    """`looped_hvp_columns` for each sample in turn: the fallback of `sample_hvp_columns`."""
+    """Per-sample column functions applied one sample at a time, stacked as ``(C, B, ...)``.
+
+    The fallback of `sample_hvp_columns`: ``columns_of(sample)`` is either the vectorised
+    `hvp_columns` (models that vmap cannot batch over samples, e.g. ``nn.LSTM`` with some weights
+    frozen) or the autograd loop `looped_hvp_columns`.
+    """
 
     def columns(tangents: Tensor) -> Tensor:
-        per_sample = [
-            looped_hvp_columns(lambda t, s=sample: g(t, *s), theta)(tangents)
-            for sample in zip(*samples)
-        ]
-        return torch.stack(per_sample, dim=1)
+        return torch.stack([columns_of(sample)(tangents) for sample in zip(*samples)], dim=1)
 
     return columns
 
 
-class with_fallback:  # noqa: N801 - used like a function
-    """Try the vectorised column function on the first chunk; on failure, warn once and loop.
+class Fallbacks:
+    """Chooses, once per public call, the fastest strategy that works for the model.
 
-    Only the first call may fall back: a later failure (e.g. out of memory) is a real error.
+    Strategies are ``(description, column_fn)`` lists, fastest first, built per parameter block.
+    The first chunk of the first block tries them in order; every later block starts from the
+    one that worked, so a call that falls back warns once (`PerformanceWarning`, naming the
+    reason and the path). Only a first chunk may fall back: a later failure (e.g. out of memory)
+    is a real error and propagates.
     """
 
-    def __init__(self, primary: ColumnFn, fallback: ColumnFn) -> None:
-        self._primary, self._fallback = primary, fallback
-        self._chosen: ColumnFn | None = None
+    def __init__(self) -> None:
+        self._start = 0
+        self._warned = False
 
-    def __call__(self, tangents: Tensor) -> Tensor:
-        if self._chosen is not None:
-            return self._chosen(tangents)
-        try:
-            result = self._primary(tangents)
-        except (RuntimeError, NotImplementedError) as err:
-            warnings.warn(
-                "hesse: torch.func.vmap could not batch this model "
-                f"({first_line(err)}); falling back to a correct but slower autograd loop.",
-                PerformanceWarning,
-                stacklevel=4,
-            )
-            self._chosen = self._fallback
-            try:
-                return self._fallback(tangents)
-            except Exception as fallback_err:
-                raise fallback_err from err
-        self._chosen = self._primary
-        return result
+    def __call__(self, strategies: list[tuple[str, ColumnFn]]) -> ColumnFn:
+        chosen: list[ColumnFn] = []
+
+        def columns(tangents: Tensor) -> Tensor:
+            if chosen:
+                return chosen[0](tangents)
+            first_error: BaseException | None = None
+            for i in range(self._start, len(strategies)):
+                description, fn = strategies[i]
+                try:
+                    result = fn(tangents)
+                except (RuntimeError, NotImplementedError) as err:
+                    if i == len(strategies) - 1:
+                        raise
+                    first_error = first_error or err
+                    continue
+                if first_error is not None and not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"hesse: torch.func.vmap could not batch this model "
+                        f"({first_line(first_error)}); fell back to a correct but slower path: "
+                        f"{description}.",
+                        PerformanceWarning,
+                        stacklevel=2,
+                    )
+                self._start = i
+                chosen.append(fn)
+                return result
+            raise AssertionError("no strategy given")  # unreachable
+
+        return columns
+
+
+def hessian_columns(f: Callable[[Tensor], Tensor], theta: Tensor) -> list[tuple[str, ColumnFn]]:
+    """Strategies for the Hessian columns of ``f`` at ``theta``, vectorised first."""
+    return [
+        ("vectorised", hvp_columns(f, theta)),
+        ("an autograd loop over outputs and columns", looped_hvp_columns(f, theta)),
+    ]
+
+
+def sample_hessian_columns(
+    g: Callable[..., Tensor], theta: Tensor, samples: tuple[Tensor, ...]
+) -> list[tuple[str, ColumnFn]]:
+    """Strategies for per-sample columns of ``g(theta, *sample)``, vectorised first."""
+
+    def one(strategy: Callable[..., ColumnFn]) -> Callable[[tuple[Tensor, ...]], ColumnFn]:
+        return lambda sample: strategy(lambda t: g(t, *sample), theta)
+
+    return [
+        ("vectorised", sample_hvp_columns(g, theta, samples)),
+        ("a loop over samples", sample_loop_columns(one(hvp_columns), samples)),
+        (
+            "an autograd loop over samples, outputs and columns",
+            sample_loop_columns(one(looped_hvp_columns), samples),
+        ),
+    ]
 
 
 def _basis(start: int, stop: int, n: int, like: Tensor) -> Tensor:

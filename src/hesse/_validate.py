@@ -126,4 +126,3 @@ def check_scalar_loss(loss: Any) -> Tensor:
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
-
