@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
+from cases import CASES, Case
 from torch import Tensor, nn
 
 import hesse
-from cases import CASES, Case
 
 
 def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-10) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from cases import Case, oracle_loss_hessian, oracle_model_hessian
 from conftest import assert_close, per_sample, state_preserved
 
 import hesse
-from cases import Case, oracle_loss_hessian, oracle_model_hessian
 
 
 def _model_hessian(case: Case, **kwargs: object) -> torch.Tensor:

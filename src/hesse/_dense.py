@@ -44,14 +44,14 @@ from hesse._validate import (
 )
 
 __all__ = [
-    "model_hessian_matrix",
-    "model_hessian_dict",
-    "model_hessian_diagonal",
-    "model_sharpness",
-    "loss_hessian_matrix",
-    "loss_hessian_dict",
     "loss_hessian_diagonal",
+    "loss_hessian_dict",
+    "loss_hessian_matrix",
     "loss_sharpness",
+    "model_hessian_diagonal",
+    "model_hessian_dict",
+    "model_hessian_matrix",
+    "model_sharpness",
     "per_sample_loss_hessian",
 ]
 

@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from hesse._layout import ParamLayout
 
-__all__ = ["model_function", "loss_function", "sample_model_function", "sample_loss_function"]
+__all__ = ["loss_function", "model_function", "sample_loss_function", "sample_model_function"]
 
 
 def model_function(

@@ -25,16 +25,16 @@ from hesse._validate import first_line
 
 __all__ = [
     "ColumnFn",
-    "PerformanceWarning",
-    "hvp_columns",
-    "looped_hvp_columns",
-    "sample_hvp_columns",
-    "sample_loop_columns",
     "Fallbacks",
-    "hessian_columns",
-    "sample_hessian_columns",
+    "PerformanceWarning",
     "dense_from_columns",
     "diagonal_from_columns",
+    "hessian_columns",
+    "hvp_columns",
+    "looped_hvp_columns",
+    "sample_hessian_columns",
+    "sample_hvp_columns",
+    "sample_loop_columns",
 ]
 
 ColumnFn = Callable[[Tensor], Tensor]

@@ -5,16 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "batch_size",
     "check_chunk_size",
     "check_criterion",
     "check_model",
     "check_model_output",
     "check_scalar_loss",
-    "batch_size",
     "normalize_inputs",
 ]
 

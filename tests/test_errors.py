@@ -1,0 +1,183 @@
+"""Every bad input fails at once with a message that names the argument and the fix."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import state_preserved
+from torch import nn
+
+import hesse
+
+
+def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    return model, torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+
+
+def test_unknown_parameter_name_lists_valid_names() -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match=r"params: 'fc\.weight' is not a parameter.*0\.weight"):
+        hesse.model_hessian_matrix(model, x, params=["fc.weight"])
+
+
+def test_empty_selection() -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="selects no trainable parameter"):
+        hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y, params=["enc.*"])
+    with pytest.raises(ValueError, match="selects no trainable parameter"):
+        hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y, params=[])
+
+
+def test_params_of_wrong_type() -> None:
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match="params: expected None, a parameter name"):
+        hesse.model_hessian_matrix(model, x, params=[0])  # type: ignore[list-item]
+
+
+def test_model_without_trainable_parameters() -> None:
+    model, x, y = _setup()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters with requires_grad=True"):
+        hesse.model_hessian_matrix(model, x)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_model_not_a_module() -> None:
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        hesse.model_hessian_matrix(lambda x: x, torch.ones(1))  # type: ignore[arg-type]
+
+
+def test_inputs_not_tensors() -> None:
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match=r"inputs: every input must be a torch.Tensor.*inputs\[1\]"):
+        hesse.model_hessian_matrix(model, (x, [1, 2]))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="inputs: expected a tensor or a non-empty tuple"):
+        hesse.model_hessian_matrix(model, x.numpy())  # type: ignore[arg-type]
+
+
+def test_batch_sizes_disagree() -> None:
+    model, x, y = _setup()
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1).double()
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.lin(a) + self.lin(b).sum()
+
+    with pytest.raises(ValueError, match=r"inputs: with is_batch=True .*\(5, 3\).*\(4, 3\)"):
+        hesse.model_hessian_matrix(Two(), (x, x[:4]))
+    with pytest.raises(ValueError, match="is_batch=True needs a batch dimension"):
+        hesse.model_hessian_matrix(model, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="the batch is empty"):
+        hesse.model_hessian_matrix(model, x[:0])
+
+
+def test_criterion_not_scalar() -> None:
+    model, x, y = _setup()
+    with state_preserved(model), pytest.raises(ValueError, match="reduction='mean' or 'sum'"):
+        hesse.loss_hessian_matrix(model, nn.MSELoss(reduction="none"), x, y)
+    with pytest.raises(TypeError, match="criterion: expected a callable"):
+        hesse.loss_hessian_matrix(model, "mse", x, y)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_chunk_size_not_positive(bad: int) -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match=f"chunk_size: expected a positive int.*got {bad}"):
+        hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y, chunk_size=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        hesse.model_hessian_diagonal(model, x, chunk_size=bad)
+
+
+@pytest.mark.parametrize("bad", [1.5, True, "8"])
+def test_chunk_size_wrong_type(bad: object) -> None:
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match="chunk_size: expected a positive int or None"):
+        hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y, chunk_size=bad)  # type: ignore[arg-type]
+
+
+def test_flags_must_be_bool() -> None:
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match="is_batch: expected True or False"):
+        hesse.model_hessian_matrix(model, x, is_batch="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="diagonal_only: expected True or False"):
+        hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y, diagonal_only=1)  # type: ignore[arg-type]
+
+
+def test_tuple_output_for_model_hessian() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2).double()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.lin(x), self.lin(x) ** 2
+
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match="model Hessian needs the model to return one tensor"):
+        hesse.model_hessian_matrix(Pair(), x)
+    # The loss Hessian takes any output the criterion accepts.
+    h = hesse.loss_hessian_matrix(Pair(), lambda out, t: (out[0] * out[1]).sum(), x, None)
+    assert h.shape == (8, 8)
+
+
+def test_model_mixing_samples_with_is_batch() -> None:
+    class BatchMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).mean(0, keepdim=True)
+
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match="must not depend on the other samples"):
+        hesse.model_hessian_matrix(BatchMean(), x)
+
+
+def test_per_sample_target_must_be_batched() -> None:
+    model, x, y = _setup()
+    with pytest.raises(ValueError, match=r"target: per-sample loss Hessians need .*\(5\)"):
+        hesse.per_sample_loss_hessian(model, nn.MSELoss(), x, y[:3])
+
+
+def test_memory_guard_fires_before_allocating() -> None:
+    """A 300,500-parameter loss Hessian is 361 GB in float32: refused within seconds."""
+    model = nn.Linear(600, 500)
+    x, y = torch.randn(8, 600), torch.randn(8, 500)
+    start = time.perf_counter()
+    with state_preserved(model), pytest.raises(hesse.MemoryBudgetError) as info:
+        hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y)
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert "loss_hessian_matrix: needs about 336.4 GiB" in message
+    assert "300500 x 300500 torch.float32" in message
+    for alternative in ("diagonal", "diagonal_only=True", "params=", "chunk_size"):
+        assert alternative in message
+    assert isinstance(info.value, MemoryError)
+    # The diagonal of the same model fits and is exact: d²/dW² of mean squared error.
+    diag = hesse.loss_hessian_diagonal(model, nn.MSELoss(), x[:2], y[:2], params=["bias"])
+    torch.testing.assert_close(diag, torch.full((500,), 2 / 500))
+
+
+def test_model_error_propagates_and_state_is_restored() -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.bn = nn.BatchNorm1d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.lin(x)) @ torch.ones(3)  # shape error inside the user's model
+
+    model = Broken().train()
+    model.lin.weight.grad = torch.ones(2, 3)
+    with state_preserved(model), pytest.raises(RuntimeError, match="size mismatch"):
+        hesse.model_hessian_matrix(model, torch.randn(4, 3))
+    assert model.training and model.bn.training
