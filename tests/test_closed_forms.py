@@ -73,9 +73,7 @@ def test_sharpness_for_one_and_two_parameters() -> None:
     two = hesse.model_sharpness(Tiny(2), x)
     expected = torch.stack(
         [
-            torch.linalg.eigvalsh(torch.tensor([[2 * v, -3.0], [-3.0, 0.0]], dtype=F64))
-            .abs()
-            .max()
+            torch.linalg.eigvalsh(torch.tensor([[2 * v, -3.0], [-3.0, 0.0]], dtype=F64)).abs().max()
             for v in (-2.5, 0.5)
         ]
     )

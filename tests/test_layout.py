@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import Embedder
 from conftest import assert_close
 from torch import nn
 
 import hesse
-from cases import Embedder
 from hesse._layout import select_parameters
 
 
@@ -43,8 +43,9 @@ def test_frozen_named_explicitly_is_included_but_not_by_pattern() -> None:
     assert [n for n, _ in select_parameters(net, ["1.weight"])] == ["1.weight"]
     # The Hessian with respect to a frozen parameter is still computed, and requires_grad stays.
     x = torch.randn(4, 2, dtype=torch.float64)
-    h = hesse.loss_hessian_matrix(net, nn.MSELoss(), x, torch.zeros(4, 2, dtype=torch.float64),
-                                  params="1.weight")
+    h = hesse.loss_hessian_matrix(
+        net, nn.MSELoss(), x, torch.zeros(4, 2, dtype=torch.float64), params="1.weight"
+    )
     assert h.shape == (6, 6) and h.abs().sum() > 0
     assert not net[1].weight.requires_grad
 

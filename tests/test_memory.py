@@ -17,8 +17,14 @@ from hesse._memory import (
 def _plan(monkeypatch: pytest.MonkeyPatch, available: int | None, **kw: object) -> object:
     monkeypatch.setattr("hesse._memory.available_bytes", lambda device: available)
     args = dict(
-        what="f", n=1000, lead=(), output_shape=(1000, 1000), dtype=torch.float32,
-        device=torch.device("cpu"), chunk_size=None, activations=lambda: 10_000,
+        what="f",
+        n=1000,
+        lead=(),
+        output_shape=(1000, 1000),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        chunk_size=None,
+        activations=lambda: 10_000,
         alternatives="the diagonal",
     )
     args.update(kw)

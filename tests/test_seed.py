@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from cases import MimoModel
 from conftest import assert_close
 
 import hesse
-from cases import MimoModel
 
 
 def test_seed_readme_shapes() -> None:

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
+from cases import oracle_hessian
 from conftest import assert_close, state_preserved
 from torch import nn
 
 import hesse
-from cases import oracle_hessian
 
 F64 = torch.float64
 
@@ -48,8 +48,29 @@ def test_normalisation_layers_match_autograd(name: str) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)  # non-trivial affine weights
-    h = hesse.loss_hessian_matrix(model, _sq, x, None)
+    h = hesse.loss_hessian_matrix(model, _sq, x, None)  # reverse-over-reverse
     assert_close(h, _loss_oracle(model, x))
+    if name != "bn_no_stats":  # batch statistics couple the samples
+        # forward-over-reverse, vmapped over samples
+        each = hesse.per_sample_loss_hessian(model, _sq, x, torch.zeros(5))
+        assert_close(each.sum(0), h)
+
+
+def test_missing_forward_mode_falls_back_to_reverse_silently() -> None:
+    """nn.LSTM has no forward-mode derivative on CPU: reverse-over-reverse, still vectorised."""
+    from cases import CASES
+
+    case = CASES["lstm"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = hesse.model_hessian_matrix(case.model, case.inputs, is_batch=False)
+    x = case.inputs[0]
+    for b, k in ((0, 0), (2, 1)):
+
+        def scalar(ps: dict[str, torch.Tensor], b: int = b, k: int = k) -> torch.Tensor:
+            return torch.func.functional_call(case.model, ps, (x,))[b, k]
+
+        assert_close(h[b, k], oracle_hessian(case.model, scalar))
 
 
 def test_vmap_unbatchable_model_falls_back_with_one_warning() -> None:

@@ -1,5 +1,6 @@
 """Workarounds that keep second derivatives correct on torch 2.x, applied during every call.
 
+- torch's forward-AD decompositions are loaded once up front (see `_load_forward_ad`).
 - Fused attention kernels (flash / memory-efficient, CPU and GPU) have no second derivative;
   the MATH backend of ``scaled_dot_product_attention`` has one.
 - ``vmap`` batching rules of the layer-norm and batch-norm *backward* kernels give wrong second
@@ -13,8 +14,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 import torch
@@ -24,6 +26,25 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["second_order_safe"]
+
+_forward_ad_ready = False
+
+
+def _load_forward_ad() -> None:
+    """Import torch's forward-AD decompositions once, without its internal deprecation warning.
+
+    torch 2.13 registers them through ``torch.jit.script`` on the first ``jvp``, which emits
+    "torch.jit.script is deprecated" at the user even though nobody called ``torch.jit``.
+    """
+    global _forward_ad_ready
+    if _forward_ad_ready:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+        # A torch without the module loads nothing on the first jvp either.
+        with suppress(ImportError):
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+    _forward_ad_ready = True
 
 
 def _normalize(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
@@ -123,6 +144,7 @@ class _ElementaryNorms(TorchFunctionMode):
 @contextmanager
 def second_order_safe() -> Iterator[None]:
     """Context in which torch.func second derivatives of common layers are correct."""
+    _load_forward_ad()
     with ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(_ElementaryNorms())

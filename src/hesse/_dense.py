@@ -89,7 +89,8 @@ def _model_curvature(model: nn.Module, inputs: Any, params: Params, is_batch: bo
         output = check_model_output(model(*args))
 
         def columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-            return fallbacks(hessian_columns(model_function(model, sub, args), theta))
+            f = model_function(model, sub, args)
+            return fallbacks(hessian_columns(f, theta, scalar=output.numel() == 1))
 
         def activations(sub: ParamLayout, theta: Tensor) -> int:
             return activation_bytes(model_function(model, sub, args), theta)
@@ -109,9 +110,8 @@ def _model_curvature(model: nn.Module, inputs: Any, params: Params, is_batch: bo
         )
 
     def sample_columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-        return fallbacks(
-            sample_hessian_columns(sample_model_function(model, sub, sample_shape), theta, args)
-        )
+        g = sample_model_function(model, sub, sample_shape)
+        return fallbacks(sample_hessian_columns(g, theta, args, scalar=one.numel() == 1))
 
     def sample_activations(sub: ParamLayout, theta: Tensor) -> int:
         g = sample_model_function(model, sub, sample_shape)
@@ -131,7 +131,8 @@ def _loss_curvature(
     check_scalar_loss(criterion(model(*args), target))
 
     def columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-        return fallbacks(hessian_columns(loss_function(model, sub, criterion, args, target), theta))
+        f = loss_function(model, sub, criterion, args, target)
+        return fallbacks(hessian_columns(f, theta, scalar=True))
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
         return activation_bytes(loss_function(model, sub, criterion, args, target), theta)
@@ -158,9 +159,8 @@ def _sample_loss_curvature(
     samples = (target, *args)
 
     def columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-        return fallbacks(
-            sample_hessian_columns(sample_loss_function(model, sub, criterion), theta, samples)
-        )
+        g = sample_loss_function(model, sub, criterion)
+        return fallbacks(sample_hessian_columns(g, theta, samples, scalar=False))
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
         g = sample_loss_function(model, sub, criterion)

@@ -62,8 +62,9 @@ def _network_example() -> None:
     x = torch.randn(256, 8, generator=g)
     target = (x[:, :3] + 0.3 * torch.randn(256, 3, generator=g)).argmax(1)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                          nn.Linear(16, 3))
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
     criterion = nn.CrossEntropyLoss()
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(100):

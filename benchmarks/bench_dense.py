@@ -1,0 +1,400 @@
+"""Dense Hessians: hesse side by side with what users write instead, in one run.
+
+Each measurement runs in its own subprocess (2 torch threads) so that its peak memory is its own:
+peak-RSS growth = peak RSS after the call minus peak RSS before it. Times are medians.
+
+    python benchmarks/bench_dense.py            # full run, rewrites the table in docs/benchmarks.md
+    python benchmarks/bench_dense.py --quick    # small sizes, prints only
+
+Peers: torch.func.hessian on a flat vector; torch.func.hessian on the parameter dict plus
+assembly into one matrix (the seed README's "existing paradigm"); curvlinops' HessianLinearOperator
+applied to identity chunks; the seed package's per-sample approach (Hessian of the batched output,
+quadratic in the batch), reimplemented from its README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
+THREADS = 2
+
+
+# ---------------------------------------------------------------------------------- problems
+
+
+def mlp(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def loss_problem(widths: list[int], batch: int) -> tuple[nn.Module, Tensor, Tensor, nn.Module]:
+    torch.manual_seed(0)
+    model = mlp(widths)
+    x = torch.randn(batch, widths[0])
+    y = torch.randn(batch, widths[-1])
+    return model, x, y, nn.MSELoss()
+
+
+def _flat_loss(model: nn.Module, x: Tensor, y: Tensor, crit: nn.Module) -> tuple[Callable, Tensor]:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(t: Tensor) -> Tensor:
+        ps = {n: v.view(s) for n, v, s in zip(names, t.split(sizes), shapes)}
+        return crit(functional_call(model, ps, (x,)), y)
+
+    return f, theta
+
+
+def assemble(blocks: dict[str, dict[str, Tensor]], lead: int = 0) -> Tensor:
+    """Nested dict of blocks -> one matrix, as a user of torch.func.hessian writes it."""
+    rows = []
+    for p, row in blocks.items():
+        cols = []
+        for block in row.values():
+            shape = block.shape
+            lead_shape = shape[:lead]
+            np_ = blocks[p][p].shape[lead:]
+            n_p = int(torch.tensor(np_[: len(np_) // 2]).prod()) if len(np_) else 1
+            cols.append(block.reshape(*lead_shape, n_p, -1))
+        rows.append(torch.cat(cols, dim=-1))
+    return torch.cat(rows, dim=-2)
+
+
+# ----------------------------------------------------------------------------------- methods
+
+
+def m_hesse(problem: Any, chunk: int | None = None) -> Callable[[], Tensor]:
+    import hesse
+
+    model, x, y, crit = problem
+    return lambda: hesse.loss_hessian_matrix(model, crit, x, y, chunk_size=chunk)
+
+
+def m_func_flat(problem: Any) -> Callable[[], Tensor]:
+    f, theta = _flat_loss(*problem)
+    return lambda: hessian(f)(theta)
+
+
+def m_func_dict(problem: Any) -> Callable[[], Tensor]:
+    model, x, y, crit = problem
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def run() -> Tensor:
+        blocks = hessian(lambda ps: crit(functional_call(model, ps, (x,)), y))(params)
+        return assemble(blocks)
+
+    return run
+
+
+def m_curvlinops(problem: Any, chunk: int = 256) -> Callable[[], Tensor]:
+    from curvlinops import HessianLinearOperator
+
+    model, x, y, crit = problem
+    params = [p for p in model.parameters() if p.requires_grad]
+    op = HessianLinearOperator(model, crit, params, [(x, y)], check_deterministic=False)
+    n = sum(p.numel() for p in params)
+
+    def run() -> Tensor:
+        out = torch.empty(n, n)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            eye = torch.zeros(n, stop - start)
+            eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            out[:, start:stop] = op @ eye
+        return out
+
+    return run
+
+
+def per_sample_problem(batch: int) -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    return mlp([8, 16, 16, 4]), torch.randn(batch, 8)
+
+
+def m_hesse_per_sample(problem: Any) -> Callable[[], Tensor]:
+    import hesse
+
+    model, x = problem
+    return lambda: hesse.model_hessian_matrix(model, x)
+
+
+def m_seed_per_sample(problem: Any) -> Callable[[], Tensor]:
+    """The seed's approach: the Hessian of the *batched* output, then per-sample entries.
+
+    Output (B, O) depends on all B samples through one batched forward, so the transform
+    differentiates B·O outputs, each through a forward of size B: quadratic in B.
+    """
+    model, x = problem
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def run() -> Tensor:
+        blocks = hessian(lambda ps: functional_call(model, ps, (x,)))(params)
+        full = assemble(blocks, lead=2)  # (B, O, N, N)
+        return full
+
+    return run
+
+
+def m_func_vmap_per_sample(problem: Any) -> Callable[[], Tensor]:
+    """By hand with torch.func done well: vmap over samples of hessian on a flat vector."""
+    model, x = problem
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(t: Tensor, xb: Tensor) -> Tensor:
+        ps = {n: v.view(s) for n, v, s in zip(names, t.split(sizes), shapes)}
+        return functional_call(model, ps, (xb[None],))[0]
+
+    return lambda: torch.func.vmap(hessian(f), in_dims=(None, 0))(theta, x)
+
+
+# ------------------------------------------------------------------------- measurement (child)
+
+SPECS: dict[str, Callable[[], Callable[[], Tensor]]] = {}
+
+
+def _register() -> None:
+    big = [64, 64, 48, 10]  # N = 7,770
+    SPECS.update(
+        {
+            "loss7770/hesse": lambda: m_hesse(loss_problem(big, 256)),
+            "loss7770/func_flat": lambda: m_func_flat(loss_problem(big, 256)),
+            "loss7770/func_dict": lambda: m_func_dict(loss_problem(big, 256)),
+            "loss7770/curvlinops": lambda: m_curvlinops(loss_problem(big, 256)),
+            "loss20k/hesse": lambda: m_hesse(loss_problem([64, 128, 96, 10], 256)),
+            "loss20k/func_flat": lambda: m_func_flat(loss_problem([64, 128, 96, 10], 256)),
+            "quick/hesse": lambda: m_hesse(loss_problem([16, 32, 10], 64)),
+            "quick/func_flat": lambda: m_func_flat(loss_problem([16, 32, 10], 64)),
+            "quick/func_dict": lambda: m_func_dict(loss_problem([16, 32, 10], 64)),
+            "quick/curvlinops": lambda: m_curvlinops(loss_problem([16, 32, 10], 64)),
+        }
+    )
+    for c in (64, 128, 256, 512, 1024):
+        SPECS[f"chunk{c}/hesse"] = lambda c=c: m_hesse(loss_problem(big, 256), chunk=c)
+    for b in (16, 64):
+        SPECS[f"sample{b}/hesse"] = lambda b=b: m_hesse_per_sample(per_sample_problem(b))
+        SPECS[f"sample{b}/seed"] = lambda b=b: m_seed_per_sample(per_sample_problem(b))
+        SPECS[f"sample{b}/func_vmap"] = lambda b=b: m_func_vmap_per_sample(per_sample_problem(b))
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def child(spec: str, repeats: int) -> dict[str, Any]:
+    torch.set_num_threads(THREADS)
+    _register()
+    # Warm up torch.func, hesse and curvlinops code paths on a tiny problem, so that one-time
+    # initialisation counts neither in times nor in peak memory.
+    for warm in ("quick/hesse", "quick/func_flat", "quick/func_dict", "quick/curvlinops"):
+        SPECS[warm]()()
+    run = SPECS[spec]()
+    before = _peak_rss()
+    times, shape = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+        shape, nbytes = tuple(out.shape), out.numel() * out.element_size()
+        del out
+    return {
+        "spec": spec,
+        "times": times,
+        "median_s": statistics.median(times),
+        "peak_growth": _peak_rss() - before,
+        "output_bytes": nbytes,
+        "shape": shape,
+    }
+
+
+def measure(spec: str, repeats: int, mem_limit_gb: float | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", spec, "--repeats", str(repeats)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    if mem_limit_gb:
+        env["HESSE_BENCH_MEM_LIMIT_GB"] = str(mem_limit_gb)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        print(f"  {spec}: FAILED ({last[:160]})", flush=True)
+        return {"spec": spec, "error": last[:300]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = ", ".join(f"{t:.2f}" for t in result["times"])
+    print(
+        f"  {spec}: {result['median_s']:.3f} s (runs {runs}), peak growth "
+        f"{_mib(result['peak_growth'])}, output {_mib(result['output_bytes'])}",
+        flush=True,
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.0f} MiB"
+
+
+def report(results: dict[str, dict[str, Any]], command: str) -> str:
+    def t(spec: str) -> str:
+        r = results.get(spec, {})
+        if "error" in r:
+            return "failed: " + r["error"][:80]
+        return f"{r['median_s']:.2f} s" if "median_s" in r else "–"
+
+    def ratio(spec: str, ref: str = "loss7770/hesse") -> str:
+        a, b = results.get(spec, {}), results.get(ref, {})
+        if "median_s" not in a or "median_s" not in b:
+            return "–"
+        return f"{a['median_s'] / b['median_s']:.2f}×"
+
+    def mem(spec: str) -> str:
+        r = results.get(spec, {})
+        if "peak_growth" not in r:
+            return "–"
+        return f"{_mib(r['peak_growth'])} ({r['peak_growth'] / r['output_bytes']:.2f}× output)"
+
+    lines = [
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{THREADS} threads, float32; times are medians, each method in its own process.",
+        "",
+        "### Dense loss Hessian, MLP 64-64-48-10 (Tanh), batch 256, MSE, N = 7,770",
+        "",
+        "| method | time | slower than hesse | peak memory growth |",
+        "| --- | --- | --- | --- |",
+    ]
+    names = {
+        "loss7770/hesse": "hesse.loss_hessian_matrix (auto chunk)",
+        "loss7770/func_flat": "torch.func.hessian on a flat vector",
+        "loss7770/func_dict": "torch.func.hessian on the dict + assembly (seed README paradigm)",
+        "loss7770/curvlinops": "curvlinops HessianLinearOperator @ I, 256-column chunks",
+    }
+    for spec, name in names.items():
+        lines.append(f"| {name} | {t(spec)} | {ratio(spec)} | {mem(spec)} |")
+    lines += [
+        "",
+        "The output matrix is 7,770² float32 = 230 MiB. For the loss Hessian the seed package's",
+        "own approach is the dict + assembly row (its README wraps `torch.func.hessian` and",
+        "assembles the blocks).",
+        "",
+        "### Chunk size (hesse, same problem)",
+        "",
+        "| chunk_size | time | relative to auto |",
+        "| --- | --- | --- |",
+    ]
+    for c in (64, 128, 256, 512, 1024):
+        spec = f"chunk{c}/hesse"
+        if spec in results:
+            lines.append(f"| {c} | {t(spec)} | {ratio(spec)} |")
+    lines += [
+        "",
+        "### About 20,000 parameters: MLP 64-128-96-10, batch 256, N = 21,674 (output 1.75 GiB)",
+        "",
+        "| method | time | peak memory growth |",
+        "| --- | --- | --- |",
+        f"| hesse.loss_hessian_matrix | {t('loss20k/hesse')} | {mem('loss20k/hesse')} |",
+        f"| torch.func.hessian on a flat vector (address space capped at 20 GiB) | "
+        f"{t('loss20k/func_flat')} | {mem('loss20k/func_flat')} |",
+        "",
+        "### Per-sample model Hessians, MLP 8-16-16-4, output (B, 4, 484, 484)",
+        "",
+        "| method | B = 16 | B = 64 | growth 16 → 64 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, name in (
+        ("hesse", "hesse.model_hessian_matrix"),
+        ("func_vmap", "torch.func by hand: vmap over samples of hessian"),
+        ("seed", "seed approach: Hessian of the batched output"),
+    ):
+        a, b = results.get(f"sample16/{key}", {}), results.get(f"sample64/{key}", {})
+        growth = (
+            f"{b['median_s'] / a['median_s']:.1f}×" if "median_s" in a and "median_s" in b else "–"
+        )
+        lines.append(f"| {name} | {t(f'sample16/{key}')} | {t(f'sample64/{key}')} | {growth} |")
+    lines += ["", "Linear cost in B means 4× from 16 to 64; quadratic means 16×."]
+    return "\n".join(lines)
+
+
+def write_docs(table: str) -> None:
+    start, end = "<!-- dense:start -->", "<!-- dense:end -->"
+    text = DOCS.read_text() if DOCS.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    DOCS.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small sizes, print only")
+    parser.add_argument("--only", nargs="*", help="run only these specs")
+    args = parser.parse_args()
+    if args.child:
+        limit = os.environ.get("HESSE_BENCH_MEM_LIMIT_GB")
+        if limit:
+            cap = int(float(limit) * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        print(json.dumps(child(args.child, args.repeats)))
+        return
+
+    if args.quick:
+        plan = [(f"quick/{m}", 3, None) for m in ("hesse", "func_flat", "func_dict", "curvlinops")]
+        plan += [(f"sample16/{m}", 3, None) for m in ("hesse", "func_vmap", "seed")]
+    else:
+        plan = [
+            ("loss7770/hesse", 3, None),
+            ("loss7770/func_flat", 3, None),
+            ("loss7770/func_dict", 3, None),
+            ("loss7770/curvlinops", 3, None),
+            *[(f"chunk{c}/hesse", 3, None) for c in (64, 128, 256, 512, 1024)],
+            ("loss20k/hesse", 1, None),
+            ("loss20k/func_flat", 1, 20.0),
+            *[
+                (f"sample{b}/{m}", 3, None)
+                for b in (16, 64)
+                for m in ("hesse", "func_vmap", "seed")
+            ],
+        ]
+    if args.only:
+        plan = [p for p in plan if p[0] in args.only]
+    results = {}
+    for spec, repeats, limit in plan:
+        results[spec] = measure(spec, repeats, limit)
+    command = "python benchmarks/bench_dense.py" + (" --quick" if args.quick else "")
+    table = report(results, command)
+    print("\n" + table)
+    if not args.quick and not args.only:
+        write_docs(table)
+        print(f"\nwrote {DOCS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
