@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from hesse._transforms import (
     dense_from_columns,
     diagonal_from_columns,
     hessian_columns,
+    restrict,
     sample_hessian_columns,
 )
 from hesse._validate import (
@@ -62,14 +64,15 @@ Params = str | Sequence[str] | None
 class _Curvature:
     """A map of the selected parameters whose Hessian is wanted, ready for a transform.
 
-    ``columns(layout, theta)`` builds the column function for any sub-layout (other blocks stay
-    at the model's values); ``lead`` is the shape of the map's value, batch dim included.
+    ``columns(layout, theta, window)`` builds the column function of the map restricted to a
+    sub-layout (other blocks stay at the model's values) and to ``theta[window]`` within it;
+    ``lead`` is the shape of the map's value, batch dim included.
     """
 
     model: nn.Module
     layout: ParamLayout
     lead: tuple[int, ...]
-    columns: Callable[[ParamLayout, Tensor], ColumnFn]
+    columns: Callable[[ParamLayout, Tensor, slice], ColumnFn]
     activations: Callable[[ParamLayout, Tensor], int]
 
 
@@ -88,9 +91,9 @@ def _model_curvature(model: nn.Module, inputs: Any, params: Params, is_batch: bo
     if not is_batch:
         output = check_model_output(model(*args))
 
-        def columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-            f = model_function(model, sub, args)
-            return fallbacks(hessian_columns(f, theta, scalar=output.numel() == 1))
+        def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
+            f, t = restrict(model_function(model, sub, args), theta, window)
+            return fallbacks(hessian_columns(f, t, scalar=output.numel() == 1))
 
         def activations(sub: ParamLayout, theta: Tensor) -> int:
             return activation_bytes(model_function(model, sub, args), theta)
@@ -109,9 +112,9 @@ def _model_curvature(model: nn.Module, inputs: Any, params: Params, is_batch: bo
             f"{tuple(one.shape)}; pass is_batch=False to differentiate the whole batched output."
         )
 
-    def sample_columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-        g = sample_model_function(model, sub, sample_shape)
-        return fallbacks(sample_hessian_columns(g, theta, args, scalar=one.numel() == 1))
+    def sample_columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
+        g, t = restrict(sample_model_function(model, sub, sample_shape), theta, window)
+        return fallbacks(sample_hessian_columns(g, t, args, scalar=one.numel() == 1))
 
     def sample_activations(sub: ParamLayout, theta: Tensor) -> int:
         g = sample_model_function(model, sub, sample_shape)
@@ -130,9 +133,9 @@ def _loss_curvature(
     fallbacks = Fallbacks()
     check_scalar_loss(criterion(model(*args), target))
 
-    def columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-        f = loss_function(model, sub, criterion, args, target)
-        return fallbacks(hessian_columns(f, theta, scalar=True))
+    def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
+        f, t = restrict(loss_function(model, sub, criterion, args, target), theta, window)
+        return fallbacks(hessian_columns(f, t, scalar=True))
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
         return activation_bytes(loss_function(model, sub, criterion, args, target), theta)
@@ -158,9 +161,9 @@ def _sample_loss_curvature(
     check_scalar_loss(criterion(model(*(x[:1] for x in args)), target[:1]))
     samples = (target, *args)
 
-    def columns(sub: ParamLayout, theta: Tensor) -> ColumnFn:
-        g = sample_loss_function(model, sub, criterion)
-        return fallbacks(sample_hessian_columns(g, theta, samples, scalar=False))
+    def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
+        g, t = restrict(sample_loss_function(model, sub, criterion), theta, window)
+        return fallbacks(sample_hessian_columns(g, t, samples, scalar=False))
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
         g = sample_loss_function(model, sub, criterion)
@@ -212,18 +215,14 @@ def _dense(c: _Curvature, sub: ParamLayout, chunk_size: int | None, what: str) -
     theta = sub.gather(c.model)
     n = sub.numel
     chunk = _plan(c, sub, theta, what, (*c.lead, n, n), chunk_size)
-    return dense_from_columns(c.columns(sub, theta), theta, c.lead, chunk)
+    return dense_from_columns(partial(c.columns, sub, theta), n, c.lead, chunk, theta)
 
 
 def _diagonal(c: _Curvature, chunk_size: int | None, what: str) -> Tensor:
-    parts = []
-    for name in c.layout.names:
-        # One block at a time: the second backward then only differentiates that block.
-        sub = c.layout.restrict([name])
-        theta = sub.gather(c.model)
-        chunk = _plan(c, sub, theta, what, (*c.lead, sub.numel), chunk_size)
-        parts.append(diagonal_from_columns(c.columns(sub, theta), theta, c.lead, chunk))
-    return torch.cat(parts, dim=-1)
+    theta = c.layout.gather(c.model)
+    n = c.layout.numel
+    chunk = _plan(c, c.layout, theta, what, (*c.lead, n), chunk_size)
+    return diagonal_from_columns(partial(c.columns, c.layout, theta), n, c.lead, chunk, theta)
 
 
 def _diagonal_blocks(c: _Curvature, chunk_size: int | None, what: str) -> dict[str, Tensor]:

@@ -33,6 +33,7 @@ from hesse._validate import first_line
 
 __all__ = [
     "ColumnFn",
+    "ColumnsAt",
     "Fallbacks",
     "PerformanceWarning",
     "Strategy",
@@ -41,6 +42,7 @@ __all__ = [
     "forward_columns",
     "hessian_columns",
     "looped_hvp_columns",
+    "restrict",
     "reverse_columns",
     "sample_hessian_columns",
     "sample_hvp_columns",
@@ -242,34 +244,61 @@ def sample_hessian_columns(
     ]
 
 
-def _basis(start: int, stop: int, n: int, like: Tensor) -> Tensor:
-    e = like.new_zeros(stop - start, n)
-    idx = torch.arange(stop - start, device=like.device)
-    e[idx, idx + start] = 1
+def restrict(
+    f: Callable[..., Tensor], theta: Tensor, window: slice
+) -> tuple[Callable[..., Tensor], Tensor]:
+    """``f`` as a function of ``theta[window]`` alone, the other entries held at their values.
+
+    Differentiating only a window of the parameters lets the backward pass stop at the earliest
+    layer the window touches, and makes every Hessian column shorter.
+    """
+    if window.start == 0 and window.stop == theta.numel():
+        return f, theta
+    head, tail = theta[: window.start], theta[window.stop :]
+
+    def windowed(t: Tensor, *rest: Tensor) -> Tensor:
+        return f(torch.cat([head, t, tail]), *rest)
+
+    return windowed, theta[window]
+
+
+ColumnsAt = Callable[[slice], ColumnFn]
+
+
+def _identity_rows(count: int, n: int, like: Tensor) -> Tensor:
+    e = like.new_zeros(count, n)
+    idx = torch.arange(count, device=like.device)
+    e[idx, idx] = 1
     return e
 
 
 def dense_from_columns(
-    columns: ColumnFn, theta: Tensor, lead: tuple[int, ...], chunk: int
+    columns_at: ColumnsAt, n: int, lead: tuple[int, ...], chunk: int, like: Tensor
 ) -> Tensor:
-    """The full ``(*lead, N, N)`` Hessian, ``chunk`` identity columns per vectorised pass."""
-    n = theta.numel()
-    out = theta.new_empty(*lead, n, n)
+    """The full ``(*lead, N, N)`` Hessian, ``chunk`` identity columns per vectorised pass.
+
+    ``columns_at(window)`` gives the column function of the map restricted to
+    ``theta[window]``. By symmetry, the chunk of columns ``[a, b)`` only needs rows ``[a, N)``:
+    it differentiates the window ``[a, N)`` and mirrors the result, which skips the backward
+    pass through earlier layers (half the work for an MLP whose blocks follow the layers).
+    """
+    out = like.new_empty(*lead, n, n)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        # Hessians are symmetric: column j is row j, so each chunk fills a band of rows.
-        out[..., start:stop, :] = columns(_basis(start, stop, n, theta)).movedim(0, -2)
+        band = columns_at(slice(start, n))(_identity_rows(stop - start, n - start, like))
+        band = band.movedim(0, -2)  # (*lead, chunk, N - start): rows [start, stop)
+        out[..., start:stop, start:] = band
+        out[..., start:, start:stop] = band.transpose(-1, -2)
     return out
 
 
 def diagonal_from_columns(
-    columns: ColumnFn, theta: Tensor, lead: tuple[int, ...], chunk: int
+    columns_at: ColumnsAt, n: int, lead: tuple[int, ...], chunk: int, like: Tensor
 ) -> Tensor:
-    """The exact diagonal ``(*lead, N)``; memory ``O(chunk * N)`` instead of ``O(N^2)``."""
-    n = theta.numel()
-    out = theta.new_empty(*lead, n)
+    """The exact diagonal ``(*lead, N)``; each chunk differentiates only its own window."""
+    out = like.new_empty(*lead, n)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        cols = columns(_basis(start, stop, n, theta)).movedim(0, -2)
-        out[..., start:stop] = cols[..., start:stop].diagonal(dim1=-2, dim2=-1)
+        block = columns_at(slice(start, stop))(_identity_rows(stop - start, stop - start, like))
+        out[..., start:stop] = block.movedim(0, -2).diagonal(dim1=-2, dim2=-1)
     return out
