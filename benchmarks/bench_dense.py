@@ -208,50 +208,81 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def child(spec: str, repeats: int) -> dict[str, Any]:
-    torch.set_num_threads(THREADS)
-    _register()
-    # Warm up torch.func, hesse and curvlinops code paths on a tiny problem, so that one-time
+def _warm_up() -> None:
+    # torch.func, hesse and curvlinops code paths on a tiny problem, so that one-time
     # initialisation counts neither in times nor in peak memory.
     for warm in ("quick/hesse", "quick/func_flat", "quick/func_dict", "quick/curvlinops"):
         SPECS[warm]()()
+
+
+def child_memory(spec: str) -> dict[str, Any]:
+    """One timed call in a fresh process: its peak-RSS growth is its own."""
+    torch.set_num_threads(THREADS)
+    _register()
+    _warm_up()
     run = SPECS[spec]()
     before = _peak_rss()
-    times, shape = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - start)
-        shape, nbytes = tuple(out.shape), out.numel() * out.element_size()
-        del out
+    start = time.perf_counter()
+    out = run()
+    elapsed = time.perf_counter() - start
     return {
-        "spec": spec,
-        "times": times,
-        "median_s": statistics.median(times),
+        "seconds": elapsed,
         "peak_growth": _peak_rss() - before,
-        "output_bytes": nbytes,
-        "shape": shape,
+        "output_bytes": out.numel() * out.element_size(),
     }
 
 
-def measure(spec: str, repeats: int, mem_limit_gb: float | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", spec, "--repeats", str(repeats)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-    if mem_limit_gb:
-        env["HESSE_BENCH_MEM_LIMIT_GB"] = str(mem_limit_gb)
+def child_times(specs: list[str], rounds: int) -> dict[str, list[float]]:
+    """Round-robin timing in one process: each round runs every method once, so that a drift
+    of the machine's speed (large on shared 2-core machines) hits all methods alike."""
+    torch.set_num_threads(THREADS)
+    _register()
+    _warm_up()
+    runs = {spec: SPECS[spec]() for spec in specs}
+    times: dict[str, list[float]] = {spec: [] for spec in specs}
+    for _ in range(rounds):
+        for spec, run in runs.items():
+            start = time.perf_counter()
+            out = run()
+            times[spec].append(time.perf_counter() - start)
+            del out
+    return times
+
+
+def _child(args: list[str], env_extra: dict[str, str] | None = None) -> Any:
+    cmd = [sys.executable, __file__, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), **(env_extra or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        print(f"  {spec}: FAILED ({last[:160]})", flush=True)
-        return {"spec": spec, "error": last[:300]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    runs = ", ".join(f"{t:.2f}" for t in result["times"])
-    print(
-        f"  {spec}: {result['median_s']:.3f} s (runs {runs}), peak growth "
-        f"{_mib(result['peak_growth'])}, output {_mib(result['output_bytes'])}",
-        flush=True,
-    )
+        return {"error": last[:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(spec: str, mem_limit_gb: float | None = None) -> dict[str, Any]:
+    env = {"HESSE_BENCH_MEM_LIMIT_GB": str(mem_limit_gb)} if mem_limit_gb else None
+    result = _child(["--child-memory", spec], env)
+    if "error" in result:
+        print(f"  memory {spec}: FAILED ({result['error'][:160]})", flush=True)
+    else:
+        print(
+            f"  memory {spec}: {result['seconds']:.2f} s, peak growth "
+            f"{_mib(result['peak_growth'])}, output {_mib(result['output_bytes'])}",
+            flush=True,
+        )
     return result
+
+
+def measure_times(specs: list[str], rounds: int) -> dict[str, dict[str, Any]]:
+    result = _child(["--child-times", ",".join(specs), "--rounds", str(rounds)])
+    if "error" in result:
+        print(f"  times {specs}: FAILED ({result['error'][:160]})", flush=True)
+        return {spec: {"error": result["error"]} for spec in specs}
+    out = {}
+    for spec, times in result.items():
+        out[spec] = {"times": times, "median_s": statistics.median(times)}
+        print(f"  time {spec}: {', '.join(f'{t:.2f}' for t in times)} s", flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------------- report
@@ -261,7 +292,7 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:,.0f} MiB"
 
 
-def report(results: dict[str, dict[str, Any]], command: str) -> str:
+def report(results: dict[str, dict[str, Any]], command: str, rounds: int) -> str:
     def t(spec: str) -> str:
         r = results.get(spec, {})
         if "error" in r:
@@ -272,22 +303,28 @@ def report(results: dict[str, dict[str, Any]], command: str) -> str:
         a, b = results.get(spec, {}), results.get(ref, {})
         if "median_s" not in a or "median_s" not in b:
             return "–"
-        return f"{a['median_s'] / b['median_s']:.2f}×"
+        text = f"{a['median_s'] / b['median_s']:.2f}×"
+        if "times" in a and "times" in b and len(a["times"]) == len(b["times"]):
+            per_round = [x / y for x, y in zip(a["times"], b["times"])]
+            text += f" ({min(per_round):.2f}–{max(per_round):.2f})"
+        return text
 
     def mem(spec: str) -> str:
         r = results.get(spec, {})
         if "peak_growth" not in r:
-            return "–"
+            return "failed: " + r["error"][:60] if "error" in r else "–"
         return f"{_mib(r['peak_growth'])} ({r['peak_growth'] / r['output_bytes']:.2f}× output)"
 
     lines = [
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{THREADS} threads, float32; times are medians, each method in its own process.",
+        f"{THREADS} threads, float32. Times: medians of {rounds} round-robin rounds in one process "
+        "(each round runs every method of a table once). Memory: one call per method, each in "
+        "its own process.",
         "",
         "### Dense loss Hessian, MLP 64-64-48-10 (Tanh), batch 256, MSE, N = 7,770",
         "",
-        "| method | time | slower than hesse | peak memory growth |",
+        "| method | time | slower than hesse (range over rounds) | peak memory growth |",
         "| --- | --- | --- | --- |",
     ]
     names = {
@@ -306,13 +343,13 @@ def report(results: dict[str, dict[str, Any]], command: str) -> str:
         "",
         "### Chunk size (hesse, same problem)",
         "",
-        "| chunk_size | time | relative to auto |",
+        "| chunk_size | time | relative to 128 (the automatic choice here) |",
         "| --- | --- | --- |",
     ]
     for c in (64, 128, 256, 512, 1024):
         spec = f"chunk{c}/hesse"
         if spec in results:
-            lines.append(f"| {c} | {t(spec)} | {ratio(spec)} |")
+            lines.append(f"| {c} | {t(spec)} | {ratio(spec, 'chunk128/hesse')} |")
     lines += [
         "",
         "### About 20,000 parameters: MLP 64-128-96-10, batch 256, N = 21,674 (output 1.75 GiB)",
@@ -350,48 +387,55 @@ def write_docs(table: str) -> None:
     DOCS.write_text(f"{head}{start}\n{table}\n{end}{tail}")
 
 
+GROUPS = {
+    "loss7770": [
+        "loss7770/hesse",
+        "loss7770/func_flat",
+        "loss7770/func_dict",
+        "loss7770/curvlinops",
+    ],
+    "chunk": [f"chunk{c}/hesse" for c in (64, 128, 256, 512, 1024)],
+    "sample16": [f"sample16/{m}" for m in ("hesse", "func_vmap", "seed")],
+    "sample64": [f"sample64/{m}" for m in ("hesse", "func_vmap", "seed")],
+    "quick": [f"quick/{m}" for m in ("hesse", "func_flat", "func_dict", "curvlinops")],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child-memory", help=argparse.SUPPRESS)
+    parser.add_argument("--child-times", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
     parser.add_argument("--quick", action="store_true", help="small sizes, print only")
-    parser.add_argument("--only", nargs="*", help="run only these specs")
     args = parser.parse_args()
-    if args.child:
+    if args.child_memory:
         limit = os.environ.get("HESSE_BENCH_MEM_LIMIT_GB")
         if limit:
             cap = int(float(limit) * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        print(json.dumps(child(args.child, args.repeats)))
+        print(json.dumps(child_memory(args.child_memory)))
+        return
+    if args.child_times:
+        print(json.dumps(child_times(args.child_times.split(","), args.rounds)))
         return
 
-    if args.quick:
-        plan = [(f"quick/{m}", 3, None) for m in ("hesse", "func_flat", "func_dict", "curvlinops")]
-        plan += [(f"sample16/{m}", 3, None) for m in ("hesse", "func_vmap", "seed")]
-    else:
-        plan = [
-            ("loss7770/hesse", 3, None),
-            ("loss7770/func_flat", 3, None),
-            ("loss7770/func_dict", 3, None),
-            ("loss7770/curvlinops", 3, None),
-            *[(f"chunk{c}/hesse", 3, None) for c in (64, 128, 256, 512, 1024)],
-            ("loss20k/hesse", 1, None),
-            ("loss20k/func_flat", 1, 20.0),
-            *[
-                (f"sample{b}/{m}", 3, None)
-                for b in (16, 64)
-                for m in ("hesse", "func_vmap", "seed")
-            ],
-        ]
-    if args.only:
-        plan = [p for p in plan if p[0] in args.only]
-    results = {}
-    for spec, repeats, limit in plan:
-        results[spec] = measure(spec, repeats, limit)
+    results: dict[str, dict[str, Any]] = {}
+    groups = ["quick"] if args.quick else ["loss7770", "chunk", "sample16", "sample64"]
+    for group in groups:
+        print(f"{group}:", flush=True)
+        results.update(measure_times(GROUPS[group], args.rounds))
+        for spec in GROUPS[group]:
+            if group != "chunk" or spec == "chunk128/hesse":
+                results[spec].update(measure_memory(spec))
+    if not args.quick:
+        print("loss20k:", flush=True)
+        for spec, limit in (("loss20k/hesse", None), ("loss20k/func_flat", 20.0)):
+            r = measure_memory(spec, limit)
+            results[spec] = {**r, "median_s": r["seconds"]} if "seconds" in r else r
     command = "python benchmarks/bench_dense.py" + (" --quick" if args.quick else "")
-    table = report(results, command)
+    table = report(results, command, args.rounds)
     print("\n" + table)
-    if not args.quick and not args.only:
+    if not args.quick:
         write_docs(table)
         print(f"\nwrote {DOCS.relative_to(ROOT)}")
 

@@ -32,7 +32,6 @@ from hesse._transforms import (
     dense_from_columns,
     diagonal_from_columns,
     hessian_columns,
-    restrict,
     sample_hessian_columns,
 )
 from hesse._validate import (
@@ -92,11 +91,11 @@ def _model_curvature(model: nn.Module, inputs: Any, params: Params, is_batch: bo
         output = check_model_output(model(*args))
 
         def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
-            f, t = restrict(model_function(model, sub, args), theta, window)
-            return fallbacks(hessian_columns(f, t, scalar=output.numel() == 1))
+            f = model_function(model, sub.window(theta, window), args)
+            return fallbacks(hessian_columns(f, theta[window], scalar=output.numel() == 1))
 
         def activations(sub: ParamLayout, theta: Tensor) -> int:
-            return activation_bytes(model_function(model, sub, args), theta)
+            return activation_bytes(model_function(model, sub.unflatten, args), theta)
 
         return _Curvature(model, layout, tuple(output.shape), columns, activations)
 
@@ -113,11 +112,11 @@ def _model_curvature(model: nn.Module, inputs: Any, params: Params, is_batch: bo
         )
 
     def sample_columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
-        g, t = restrict(sample_model_function(model, sub, sample_shape), theta, window)
-        return fallbacks(sample_hessian_columns(g, t, args, scalar=one.numel() == 1))
+        g = sample_model_function(model, sub.window(theta, window), sample_shape)
+        return fallbacks(sample_hessian_columns(g, theta[window], args, scalar=one.numel() == 1))
 
     def sample_activations(sub: ParamLayout, theta: Tensor) -> int:
-        g = sample_model_function(model, sub, sample_shape)
+        g = sample_model_function(model, sub.unflatten, sample_shape)
         return b * activation_bytes(lambda t: g(t, *(x[0] for x in args)), theta)
 
     return _Curvature(model, layout, (b, *sample_shape), sample_columns, sample_activations)
@@ -134,11 +133,11 @@ def _loss_curvature(
     check_scalar_loss(criterion(model(*args), target))
 
     def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
-        f, t = restrict(loss_function(model, sub, criterion, args, target), theta, window)
-        return fallbacks(hessian_columns(f, t, scalar=True))
+        f = loss_function(model, sub.window(theta, window), criterion, args, target)
+        return fallbacks(hessian_columns(f, theta[window], scalar=True))
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
-        return activation_bytes(loss_function(model, sub, criterion, args, target), theta)
+        return activation_bytes(loss_function(model, sub.unflatten, criterion, args, target), theta)
 
     return _Curvature(model, layout, (), columns, activations)
 
@@ -162,11 +161,11 @@ def _sample_loss_curvature(
     samples = (target, *args)
 
     def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
-        g, t = restrict(sample_loss_function(model, sub, criterion), theta, window)
-        return fallbacks(sample_hessian_columns(g, t, samples, scalar=False))
+        g = sample_loss_function(model, sub.window(theta, window), criterion)
+        return fallbacks(sample_hessian_columns(g, theta[window], samples, scalar=False))
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
-        g = sample_loss_function(model, sub, criterion)
+        g = sample_loss_function(model, sub.unflatten, criterion)
         return b * activation_bytes(lambda t: g(t, *(x[0] for x in samples)), theta)
 
     return _Curvature(model, layout, (b,), columns, activations)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -106,6 +107,32 @@ class ParamLayout:
         lead = flat.shape[:-1]
         parts = flat.split(self.numels, dim=-1)
         return {n: p.view(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def window(self, base: Tensor, window: builtins.slice) -> Callable[[Tensor], dict[str, Tensor]]:
+        """Map ``t = base[window]``'s replacement to the blocks that overlap the window.
+
+        Blocks outside the window are left out (the model keeps its own values, equal to
+        ``base``), so autograd never tracks them; a block that straddles an edge is stitched
+        from ``base`` and ``t``. Used to differentiate a window of the parameters only.
+        """
+        lo_w, hi_w = window.start, window.stop
+        parts = [
+            (name, shape, lo, lo + size)
+            for name, shape, lo, size in zip(self.names, self.shapes, self.offsets, self.numels)
+            if lo < hi_w and lo + size > lo_w
+        ]
+
+        def params_of(t: Tensor) -> dict[str, Tensor]:
+            out = {}
+            for name, shape, lo, hi in parts:
+                a, b = max(lo, lo_w), min(hi, hi_w)
+                inner = t[a - lo_w : b - lo_w]
+                if a > lo or b < hi:
+                    inner = torch.cat([base[lo:a], inner, base[b:hi]])
+                out[name] = inner.view(shape)
+            return out
+
+        return params_of
 
     def gather(self, model: nn.Module) -> Tensor:
         """The current values of the blocks of ``model`` as a detached flat vector."""

@@ -42,7 +42,6 @@ __all__ = [
     "forward_columns",
     "hessian_columns",
     "looped_hvp_columns",
-    "restrict",
     "reverse_columns",
     "sample_hessian_columns",
     "sample_hvp_columns",
@@ -244,24 +243,6 @@ def sample_hessian_columns(
     ]
 
 
-def restrict(
-    f: Callable[..., Tensor], theta: Tensor, window: slice
-) -> tuple[Callable[..., Tensor], Tensor]:
-    """``f`` as a function of ``theta[window]`` alone, the other entries held at their values.
-
-    Differentiating only a window of the parameters lets the backward pass stop at the earliest
-    layer the window touches, and makes every Hessian column shorter.
-    """
-    if window.start == 0 and window.stop == theta.numel():
-        return f, theta
-    head, tail = theta[: window.start], theta[window.stop :]
-
-    def windowed(t: Tensor, *rest: Tensor) -> Tensor:
-        return f(torch.cat([head, t, tail]), *rest)
-
-    return windowed, theta[window]
-
-
 ColumnsAt = Callable[[slice], ColumnFn]
 
 
@@ -277,10 +258,10 @@ def dense_from_columns(
 ) -> Tensor:
     """The full ``(*lead, N, N)`` Hessian, ``chunk`` identity columns per vectorised pass.
 
-    ``columns_at(window)`` gives the column function of the map restricted to
-    ``theta[window]``. By symmetry, the chunk of columns ``[a, b)`` only needs rows ``[a, N)``:
-    it differentiates the window ``[a, N)`` and mirrors the result, which skips the backward
-    pass through earlier layers (half the work for an MLP whose blocks follow the layers).
+    ``columns_at(window)`` gives the column function of the map of ``theta[window]`` alone
+    (the other entries held at their values). By symmetry, the chunk of columns ``[a, b)``
+    only needs rows ``[a, N)``: it differentiates the window ``[a, N)`` and mirrors the
+    result, so the backward pass stops at the first layer the window touches.
     """
     out = like.new_empty(*lead, n, n)
     for start in range(0, n, chunk):
