@@ -5,6 +5,11 @@ from __future__ import annotations
 import hesse
 
 EXPECTED = {
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "hvp",
     "MemoryBudgetError",
     "ParamLayout",
     "PerformanceWarning",

@@ -17,15 +17,27 @@ from hesse._dense import (
 )
 from hesse._layout import ParamLayout
 from hesse._memory import MemoryBudgetError
+from hesse._operators import (
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+    hvp,
+)
 from hesse._transforms import PerformanceWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "HessianOperator",
     "MemoryBudgetError",
     "ParamLayout",
     "PerformanceWarning",
     "__version__",
+    "hvp",
     "loss_hessian_diagonal",
     "loss_hessian_dict",
     "loss_hessian_matrix",

@@ -1,0 +1,104 @@
+"""Datasets for curvature operators: one ``(inputs, target)`` batch or a re-iterable of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from hesse._validate import normalize_inputs
+
+__all__ = ["Batch", "Dataset", "as_dataset"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: tuple[Tensor, ...]
+    target: Tensor
+
+    @property
+    def size(self) -> int:
+        return self.inputs[0].shape[0]
+
+    def signature(self) -> tuple[Any, ...]:
+        """What every batch of one dataset shares: input count, dtypes and per-sample shapes."""
+        return tuple((x.dtype, tuple(x.shape[1:]), x.device) for x in (*self.inputs, self.target))
+
+
+def _describe(signature: tuple[Any, ...]) -> str:
+    parts = [f"{dtype} (B, {', '.join(map(str, shape))})" for dtype, shape, _ in signature]
+    return "inputs [" + "; ".join(parts[:-1]) + "], target " + parts[-1]
+
+
+def _batch(item: Any, index: int) -> Batch:
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise TypeError(
+            f"data: batch {index} must be an (inputs, target) pair, got {type(item).__name__}; "
+            "a DataLoader over a TensorDataset(x, y) yields such pairs."
+        )
+    inputs, target = item
+    if not isinstance(target, Tensor):
+        raise TypeError(
+            f"data: the target of batch {index} must be a tensor, got {type(target).__name__}."
+        )
+    args = normalize_inputs(inputs)
+    sizes = {x.shape[0] if x.ndim else None for x in (*args, target)}
+    if len(sizes) != 1 or None in sizes:
+        shapes = ", ".join(str(tuple(x.shape)) for x in (*args, target))
+        raise ValueError(
+            f"data: batch {index} needs one batch size in dim 0 of every input and of the "
+            f"target, got shapes {shapes}."
+        )
+    return Batch(args, target)
+
+
+class Dataset:
+    """A re-iterable of validated batches that remembers its total number of samples."""
+
+    def __init__(self, data: Any) -> None:
+        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
+            self._source: Iterable[Any] = [data]
+        elif isinstance(data, Iterable) and not isinstance(data, (Tensor, str, dict)):
+            if iter(data) is data:
+                raise TypeError(
+                    "data: an iterator can be read only once, but an operator reads the data on "
+                    "every product; pass a list of (inputs, target) batches or a DataLoader."
+                )
+            self._source = data
+        else:
+            raise TypeError(
+                "data: expected one (inputs, target) batch or a re-iterable of them (a list, a "
+                f"DataLoader), got {type(data).__name__}."
+            )
+        self._signature: tuple[Any, ...] | None = None
+        first: tuple[Any, ...] | None = None
+        count = batches = 0
+        for batch in self:
+            if first is None:
+                first = batch.signature()
+            count += batch.size
+            batches += 1
+        if first is None or count == 0:
+            raise ValueError("data: no samples; pass at least one non-empty batch.")
+        self.num_samples = count
+        self.num_batches = batches
+        self._signature = first
+
+    def __iter__(self) -> Iterator[Batch]:
+        signature = self._signature
+        for index, item in enumerate(self._source):
+            batch = _batch(item, index)
+            if signature is None:
+                signature = batch.signature()
+            elif batch.signature() != signature:
+                raise ValueError(
+                    f"data: batch {index} has {_describe(batch.signature())} but batch 0 has "
+                    f"{_describe(signature)}; every batch must have the same structure."
+                )
+            yield batch
+
+
+def as_dataset(data: Any) -> Dataset:
+    return data if isinstance(data, Dataset) else Dataset(data)

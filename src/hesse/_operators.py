@@ -1,0 +1,488 @@
+"""Matrix-free curvature operators of a loss over a whole dataset.
+
+Each operator is a symmetric ``N x N`` matrix that is never formed: ``op @ V`` loops over the
+dataset's batches (the only Python loop) and, per batch, applies the batch's curvature to all
+``K`` columns of ``V`` at once through ``vmap``. Batches are weighted so that the operator is
+the curvature of the dataset loss:
+
+- ``reduction="mean"``: the loss is the mean over all samples, so batch ``b`` of ``B_b``
+  samples enters with weight ``B_b / N_data`` (exact for unequal batches);
+- ``reduction="sum"``: the loss is the sum over samples; every batch has weight 1.
+
+The reduction is read from ``criterion.reduction`` when present, else ``"mean"``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vjp, vmap
+
+from hesse._compat import second_order_safe
+from hesse._data import Batch, Dataset, as_dataset
+from hesse._functional import loss_function, sample_loss_function
+from hesse._layout import ParamLayout
+from hesse._memory import TARGET_COLUMNS, plan_chunk
+from hesse._state import evaluation_mode
+from hesse._transforms import (
+    Fallbacks,
+    PerformanceWarning,
+    dense_from_columns,
+    diagonal_from_columns,
+    hessian_columns,
+)
+from hesse._validate import check_criterion, check_model, check_scalar_loss, first_line
+
+__all__ = [
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "hvp",
+]
+
+Params = str | Sequence[str] | None
+_REDUCTIONS = ("mean", "sum")
+
+
+def _reduction(criterion: Any, reduction: str | None) -> str:
+    own = getattr(criterion, "reduction", None)
+    if reduction is None:
+        reduction = own if own is not None else "mean"
+    elif own is not None and own != reduction:
+        raise ValueError(
+            f"reduction: {reduction!r} contradicts criterion.reduction={own!r}; the operator "
+            "weights batches by how the criterion reduces over a batch. Drop the argument or "
+            f"build the criterion with reduction={reduction!r}."
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"reduction: expected 'mean' or 'sum', got {reduction!r}; a curvature operator "
+            "needs a scalar loss per batch."
+        )
+    return reduction
+
+
+class CurvatureOperator:
+    """A symmetric curvature matrix of ``criterion(model(*inputs), target)`` over ``data``.
+
+    Args:
+        model: The module; evaluated in eval mode, its state restored after every product.
+        criterion: A loss returning a scalar for a batch (``nn.Module`` or function).
+        data: One ``(inputs, target)`` batch, or a re-iterable of them (a list, a
+            ``DataLoader``); ``inputs`` is a tensor or a tuple of tensors.
+        params: Parameter names or glob patterns; ``None`` selects every trainable parameter.
+        reduction: ``"mean"`` or ``"sum"``; default ``criterion.reduction``, else ``"mean"``.
+        progress: Show a progress bar over batches (needs ``tqdm``, the ``progress`` extra).
+        check_deterministic: Read the data twice at construction and refuse data or models
+            that change between passes (a shuffling ``DataLoader``, random augmentation, a
+            model with randomness in eval mode): the operator would not be one matrix.
+
+    Attributes:
+        shape: ``(N, N)``.
+        layout: The `ParamLayout` mapping rows to parameters.
+        num_samples: Samples in the dataset.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: Callable[..., Tensor],
+        data: Any,
+        params: Params = None,
+        *,
+        reduction: str | None = None,
+        progress: bool = False,
+        check_deterministic: bool = False,
+    ) -> None:
+        self.model = check_model(model)
+        self.criterion = check_criterion(criterion)
+        self.reduction = _reduction(criterion, reduction)
+        self.layout = ParamLayout.from_module(model, params)
+        self.data: Dataset = as_dataset(data)
+        self.progress = progress
+        self._fallbacks = Fallbacks()
+        first = next(iter(self.data))
+        with evaluation_mode(model), torch.no_grad():
+            check_scalar_loss(criterion(model(*first.inputs), first.target))
+        if check_deterministic:
+            self._check_deterministic()
+
+    # -- what it is ---------------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.layout.numel, self.layout.numel)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return self.layout.names
+
+    @property
+    def num_samples(self) -> int:
+        return self.data.num_samples
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, "
+            f"reduction={self.reduction!r}, samples={self.num_samples}, "
+            f"batches={self.data.num_batches})"
+        )
+
+    # -- products ------------------------------------------------------------------------------
+
+    def __matmul__(self, other: Tensor | dict[str, Tensor]) -> Any:
+        if isinstance(other, dict):
+            flat = self._check_dict(other)
+            return self.layout.unflatten(self._matmat(flat[:, None])[:, 0])
+        matrix = self._check_vector(other)
+        out = self._matmat(matrix if other.ndim == 2 else matrix[:, None])
+        return out if other.ndim == 2 else out[:, 0]
+
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        """``(N, K) -> (N, K)``, columns in chunks that fit the cache."""
+        theta = self.layout.gather(self.model)
+        out = torch.zeros_like(matrix)
+        tangents = matrix.T
+        for batch, weight in self._weighted_batches():
+            for start in range(0, tangents.shape[0], TARGET_COLUMNS):
+                chunk = tangents[start : start + TARGET_COLUMNS]
+                out[:, start : start + TARGET_COLUMNS] += (
+                    weight * self._batch_matmat(batch, theta, chunk).T
+                )
+        return out
+
+    def to_dense(self) -> Tensor:
+        """The ``(N, N)`` matrix, built from products with identity columns."""
+        n = self.layout.numel
+        self._check_fits((n, n))
+        theta = self.layout.gather(self.model)
+        out = theta.new_zeros(n, n)
+        for batch, weight in self._weighted_batches():
+            out += weight * self._batch_dense(batch, theta)
+        return out
+
+    def diagonal(self) -> Tensor:
+        """The exact diagonal ``(N,)``."""
+        theta = self.layout.gather(self.model)
+        out = theta.new_zeros(self.layout.numel)
+        for batch, weight in self._weighted_batches():
+            out += weight * self._batch_diagonal(batch, theta)
+        return out
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` on NumPy arrays of this operator's dtype.
+
+        SciPy is an optional extra (``pip install hesse[scipy]``). When SciPy's OpenBLAS and
+        torch both use threads inside ARPACK they slow each other down; set
+        ``OPENBLAS_NUM_THREADS=1`` before importing NumPy for ``eigsh`` on large operators.
+        """
+        try:
+            from scipy.sparse.linalg import LinearOperator
+        except ImportError as err:
+            raise ImportError(
+                "to_scipy() needs SciPy, an optional extra: pip install 'hesse[scipy]'."
+            ) from err
+        import numpy as np
+
+        def apply(array: Any) -> Any:
+            tensor = torch.as_tensor(np.asarray(array), dtype=self.dtype, device=self.device)
+            return (self @ tensor).cpu().numpy()
+
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        return LinearOperator(
+            self.shape, matvec=apply, rmatvec=apply, matmat=apply, rmatmat=apply, dtype=np_dtype
+        )
+
+    # -- per batch (subclasses) ------------------------------------------------------------------
+
+    def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
+        """``(K, N) -> (K, N)``: the batch loss's curvature applied to each row."""
+        raise NotImplementedError
+
+    def _batch_dense(self, batch: Batch, theta: Tensor) -> Tensor:
+        n = theta.numel()
+        out = theta.new_empty(n, n)
+        eye = torch.eye(n, dtype=theta.dtype, device=theta.device)
+        for start in range(0, n, TARGET_COLUMNS):
+            rows = eye[start : start + TARGET_COLUMNS]
+            out[start : start + TARGET_COLUMNS] = self._batch_matmat(batch, theta, rows)
+        return out
+
+    def _batch_diagonal(self, batch: Batch, theta: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _weighted_batches(self) -> Iterator[tuple[Batch, float]]:
+        batches: Any = self.data
+        if self.progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError as err:
+                raise ImportError(
+                    "progress=True needs tqdm, an optional extra: pip install 'hesse[progress]'."
+                ) from err
+            batches = tqdm(batches, total=self.data.num_batches, desc=type(self).__name__)
+        with evaluation_mode(self.model), torch.no_grad(), second_order_safe():
+            for batch in batches:
+                if self.reduction == "mean":
+                    yield batch, batch.size / self.data.num_samples
+                else:
+                    yield batch, 1.0
+
+    def _check_vector(self, other: Any) -> Tensor:
+        if not isinstance(other, Tensor):
+            raise TypeError(
+                f"vector: expected a tensor of shape (N,) or (N, K) or a dict of tensors keyed "
+                f"by parameter name, got {type(other).__name__}."
+            )
+        n = self.layout.numel
+        if other.ndim not in (1, 2) or other.shape[0] != n:
+            raise ValueError(
+                f"vector: expected shape ({n},) or ({n}, K) for this {self.shape[0]} x "
+                f"{self.shape[1]} operator, got {tuple(other.shape)}."
+            )
+        if other.dtype != self.dtype:
+            raise TypeError(
+                f"vector: expected dtype {self.dtype} (the parameters'), got {other.dtype}; "
+                f"convert it with v.to({self.dtype})."
+            )
+        if other.device != self.device:
+            raise ValueError(
+                f"vector: is on {other.device} but the operator is on {self.device}; move it "
+                f"with v.to({str(self.device)!r})."
+            )
+        return other
+
+    def _check_dict(self, other: dict[str, Tensor]) -> Tensor:
+        if set(other) != set(self.layout.names):
+            raise ValueError(
+                f"vector: a dict needs exactly the keys {list(self.layout.names)}, got "
+                f"{list(other)}."
+            )
+        for name, shape in zip(self.layout.names, self.layout.shapes):
+            value = other[name]
+            if not isinstance(value, Tensor) or value.shape != shape:
+                given = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"vector[{name!r}]: expected shape {tuple(shape)}, got {given}.")
+        return self._check_vector(self.layout.flatten(other))
+
+    def _check_fits(self, shape: tuple[int, ...]) -> None:
+        plan_chunk(
+            what=f"{type(self).__name__}.to_dense",
+            n=shape[-1],
+            lead=(),
+            output_shape=shape,
+            dtype=self.dtype,
+            device=self.device,
+            chunk_size=1,
+            activations=lambda: 0,
+            alternatives="products op @ V with fewer columns; op.diagonal(); params=[...]",
+        )
+
+    def _check_deterministic(self) -> None:
+        def fingerprints() -> list[tuple[float, float]]:
+            prints = []
+            for batch, _ in self._weighted_batches():
+                loss = self.criterion(self.model(*batch.inputs), batch.target)
+                data = sum(float(x.double().sum()) for x in (*batch.inputs, batch.target))
+                prints.append((float(loss), data))
+            return prints
+
+        first, second = fingerprints(), fingerprints()
+        for index, (a, b) in enumerate(zip(first, second)):
+            if a != b:
+                what = "data" if a[1] != b[1] else "loss"
+                raise ValueError(
+                    f"data: two passes over the data differ at batch {index} ({what}: {a} vs "
+                    f"{b}), so products would not come from one matrix. Use a DataLoader with "
+                    "shuffle=False and no random augmentation, and a model without randomness "
+                    "in eval mode."
+                )
+
+
+class HessianOperator(CurvatureOperator):
+    r"""The Hessian of the dataset loss, :math:`\nabla^2_\theta L`.
+
+    Example:
+        Least squares: :math:`\frac{1}{2}\sum_i (w \cdot x_i)^2` has Hessian :math:`X^\top X`,
+        the same whether the data come in one batch or two:
+
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> X, y = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(2, 1)
+        >>> loss = lambda out, t: 0.5 * (out - t).pow(2).sum()
+        >>> op = HessianOperator(model, loss, [(X[:1], y[:1]), (X[1:], y[1:])], reduction="sum")
+        >>> op @ torch.tensor([1.0, 0.0])
+        tensor([10., 14.])
+    """
+
+    def _columns(self, batch: Batch, theta: Tensor) -> Any:
+        def columns_at(window: slice) -> Any:
+            f = loss_function(
+                self.model,
+                self.layout.window(theta, window),
+                self.criterion,
+                batch.inputs,
+                batch.target,
+            )
+            return self._fallbacks(hessian_columns(f, theta[window], scalar=True))
+
+        return columns_at
+
+    def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
+        n = theta.numel()
+        return self._columns(batch, theta)(slice(0, n))(tangents)
+
+    def _batch_dense(self, batch: Batch, theta: Tensor) -> Tensor:
+        n = theta.numel()
+        return dense_from_columns(self._columns(batch, theta), n, (), TARGET_COLUMNS, theta)
+
+    def _batch_diagonal(self, batch: Batch, theta: Tensor) -> Tensor:
+        n = theta.numel()
+        return diagonal_from_columns(self._columns(batch, theta), n, (), TARGET_COLUMNS, theta)
+
+
+class GGNOperator(CurvatureOperator):
+    r"""The generalised Gauss-Newton matrix :math:`\sum_b w_b J_b^\top H_b J_b`.
+
+    :math:`J_b` is the Jacobian of the model's outputs on batch ``b`` with respect to the
+    parameters and :math:`H_b = \nabla^2_z \ell(z, y)` the Hessian of the batch loss in the
+    outputs ``z``. Positive semi-definite for convex losses (MSE, cross-entropy).
+    """
+
+    def _linearise(
+        self, batch: Batch, theta: Tensor
+    ) -> tuple[
+        Callable[[Tensor], Tensor],
+        Callable[[Tensor], Tensor],
+        Callable[[Tensor], Tensor],
+        tuple[int, ...],
+    ]:
+        def outputs(t: Tensor) -> Tensor:
+            return torch.func.functional_call(self.model, self.layout.unflatten(t), batch.inputs)
+
+        z, jt = vjp(outputs, theta)[:2]
+        if not isinstance(z, Tensor):
+            raise TypeError(
+                f"model: the GGN needs the model to return one tensor, got {type(z).__name__}."
+            )
+        # J v without forward mode (nn.LSTM has none): the VJP of the linear map u -> J^T u.
+        j = vjp(lambda u: jt(u)[0], torch.zeros_like(z))[1]
+
+        def loss_of_outputs(out: Tensor) -> Tensor:
+            return self.criterion(out, batch.target)
+
+        h = vjp(grad(loss_of_outputs), z.detach())[1]
+
+        def jvp_(v: Tensor) -> Tensor:
+            return j(v)[0]
+
+        def hvp_(u: Tensor) -> Tensor:
+            return h(u)[0]
+
+        def vjp_(u: Tensor) -> Tensor:
+            return jt(u)[0]
+
+        return jvp_, hvp_, vjp_, tuple(z.shape)
+
+    def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
+        j, h, jt, _ = self._linearise(batch, theta)
+        return vmap(lambda v: jt(h(j(v))))(tangents)
+
+    def _batch_diagonal(self, batch: Batch, theta: Tensor) -> Tensor:
+        # diag(Jᵀ H J) = Σ_r J_r ⊙ (Jᵀ H e_r), over the output entries r, a chunk at a time.
+        _, h, jt, shape = self._linearise(batch, theta)
+        out = theta.new_zeros(theta.numel())
+        z_numel = torch.Size(shape).numel()
+        eye = torch.eye(z_numel, dtype=theta.dtype, device=theta.device)
+        for start in range(0, z_numel, TARGET_COLUMNS):
+            e = eye[start : start + TARGET_COLUMNS].reshape(-1, *shape)
+            rows = vmap(jt)(e)
+            weighted = vmap(lambda u: jt(h(u)))(e)
+            out += (rows * weighted).sum(0)
+        return out
+
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    r"""The empirical Fisher :math:`c \sum_i g_i g_i^\top` over all samples ``i``.
+
+    :math:`g_i` is the gradient of sample ``i``'s own loss, ``criterion(model(x_i), y_i)``
+    with ``x_i`` evaluated as a batch of one (so for ``MSELoss(reduction="mean")`` it is the
+    mean over that sample's outputs). :math:`c = 1/N_{data}` for ``reduction="mean"`` and 1
+    for ``"sum"``. Note that this differs from the Fisher (expectation under the model's
+    predictive distribution) and, for ``"mean"``, from BackPACK's convention of per-batch
+    gradients; it is what ``torch.func`` per-sample gradients give.
+    """
+
+    def _per_sample_gradients(self, batch: Batch, theta: Tensor) -> Tensor:
+        g = sample_loss_function(self.model, self.layout.unflatten, self.criterion)
+        try:
+            return vmap(grad(g), in_dims=(None, 0, *(0,) * len(batch.inputs)))(
+                theta, batch.target, *batch.inputs
+            )
+        except (RuntimeError, NotImplementedError) as err:
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                warnings.warn(
+                    f"hesse: torch.func.vmap could not batch this model ({first_line(err)}); "
+                    "fell back to a correct but slower path: a loop over samples.",
+                    PerformanceWarning,
+                    stacklevel=4,
+                )
+            return torch.stack(
+                [grad(g)(theta, t, *xs) for t, *xs in zip(batch.target, *batch.inputs)]
+            )
+
+    def _scale(self, batch: Batch) -> float:
+        # The base class weights batches by B_b / N for "mean": use the batch mean here.
+        return 1.0 / batch.size if self.reduction == "mean" else 1.0
+
+    def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
+        g = self._per_sample_gradients(batch, theta)
+        return self._scale(batch) * (tangents @ g.T) @ g
+
+    def _batch_dense(self, batch: Batch, theta: Tensor) -> Tensor:
+        g = self._per_sample_gradients(batch, theta)
+        return self._scale(batch) * g.T @ g
+
+    def _batch_diagonal(self, batch: Batch, theta: Tensor) -> Tensor:
+        g = self._per_sample_gradients(batch, theta)
+        return self._scale(batch) * g.pow(2).sum(0)
+
+
+def hvp(
+    model: nn.Module,
+    criterion: Callable[..., Tensor],
+    inputs: Tensor | tuple[Tensor, ...],
+    target: Tensor,
+    vector: Tensor | dict[str, Tensor],
+    params: Params = None,
+) -> Any:
+    r"""The loss Hessian times ``vector``: :math:`\nabla^2_\theta\, \ell(\theta)\, v`.
+
+    Args:
+        vector: A flat ``(N,)`` tensor, an ``(N, K)`` matrix (K products, vectorised), or a
+            dict of tensors keyed by parameter name; the result has the same form.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> hvp(model, lambda out, t: out.pow(2).sum(), X, torch.zeros(2, 1),
+        ...     {"weight": torch.tensor([[0.0, 1.0]])})
+        {'weight': tensor([[28., 40.]])}
+    """
+    # One batch: weight 1 for either reduction, so the product is the batch loss's Hessian.
+    return HessianOperator(model, criterion, (inputs, target), params) @ vector
