@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,9 +27,19 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
-THREADS = 2
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (
+    THREADS,
+    child_main,
+    measure_memory,
+    measure_times,
+    mib,
+    seconds,
+    write_docs,
+)
+from _harness import ratio as _ratio
+
+WARM = ("quick/hesse", "quick/func_flat", "quick/func_dict", "quick/curvlinops")
 
 
 # ---------------------------------------------------------------------------------- problems
@@ -204,116 +209,21 @@ def _register() -> None:
         SPECS[f"sample{b}/func_vmap"] = lambda b=b: m_func_vmap_per_sample(per_sample_problem(b))
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _warm_up() -> None:
-    # torch.func, hesse and curvlinops code paths on a tiny problem, so that one-time
-    # initialisation counts neither in times nor in peak memory.
-    for warm in ("quick/hesse", "quick/func_flat", "quick/func_dict", "quick/curvlinops"):
-        SPECS[warm]()()
-
-
-def child_memory(spec: str) -> dict[str, Any]:
-    """One timed call in a fresh process: its peak-RSS growth is its own."""
-    torch.set_num_threads(THREADS)
-    _register()
-    _warm_up()
-    run = SPECS[spec]()
-    before = _peak_rss()
-    start = time.perf_counter()
-    out = run()
-    elapsed = time.perf_counter() - start
-    return {
-        "seconds": elapsed,
-        "peak_growth": _peak_rss() - before,
-        "output_bytes": out.numel() * out.element_size(),
-    }
-
-
-def child_times(specs: list[str], rounds: int) -> dict[str, list[float]]:
-    """Round-robin timing in one process: each round runs every method once, so that a drift
-    of the machine's speed (large on shared 2-core machines) hits all methods alike."""
-    torch.set_num_threads(THREADS)
-    _register()
-    _warm_up()
-    runs = {spec: SPECS[spec]() for spec in specs}
-    times: dict[str, list[float]] = {spec: [] for spec in specs}
-    for _ in range(rounds):
-        for spec, run in runs.items():
-            start = time.perf_counter()
-            out = run()
-            times[spec].append(time.perf_counter() - start)
-            del out
-    return times
-
-
-def _child(args: list[str], env_extra: dict[str, str] | None = None) -> Any:
-    cmd = [sys.executable, __file__, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), **(env_extra or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"error": last[:300]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def measure_memory(spec: str, mem_limit_gb: float | None = None) -> dict[str, Any]:
-    env = {"HESSE_BENCH_MEM_LIMIT_GB": str(mem_limit_gb)} if mem_limit_gb else None
-    result = _child(["--child-memory", spec], env)
-    if "error" in result:
-        print(f"  memory {spec}: FAILED ({result['error'][:160]})", flush=True)
-    else:
-        print(
-            f"  memory {spec}: {result['seconds']:.2f} s, peak growth "
-            f"{_mib(result['peak_growth'])}, output {_mib(result['output_bytes'])}",
-            flush=True,
-        )
-    return result
-
-
-def measure_times(specs: list[str], rounds: int) -> dict[str, dict[str, Any]]:
-    result = _child(["--child-times", ",".join(specs), "--rounds", str(rounds)])
-    if "error" in result:
-        print(f"  times {specs}: FAILED ({result['error'][:160]})", flush=True)
-        return {spec: {"error": result["error"]} for spec in specs}
-    out = {}
-    for spec, times in result.items():
-        out[spec] = {"times": times, "median_s": statistics.median(times)}
-        print(f"  time {spec}: {', '.join(f'{t:.2f}' for t in times)} s", flush=True)
-    return out
-
-
 # ----------------------------------------------------------------------------------- report
-
-
-def _mib(b: float) -> str:
-    return f"{b / 2**20:,.0f} MiB"
 
 
 def report(results: dict[str, dict[str, Any]], command: str, rounds: int) -> str:
     def t(spec: str) -> str:
-        r = results.get(spec, {})
-        if "error" in r:
-            return "failed: " + r["error"][:80]
-        return f"{r['median_s']:.2f} s" if "median_s" in r else "–"
+        return seconds(results, spec)
 
     def ratio(spec: str, ref: str = "loss7770/hesse") -> str:
-        a, b = results.get(spec, {}), results.get(ref, {})
-        if "median_s" not in a or "median_s" not in b:
-            return "–"
-        text = f"{a['median_s'] / b['median_s']:.2f}×"
-        if "times" in a and "times" in b and len(a["times"]) == len(b["times"]):
-            per_round = [x / y for x, y in zip(a["times"], b["times"])]
-            text += f" ({min(per_round):.2f}–{max(per_round):.2f})"
-        return text
+        return _ratio(results, spec, ref)
 
     def mem(spec: str) -> str:
         r = results.get(spec, {})
         if "peak_growth" not in r:
             return "failed: " + r["error"][:60] if "error" in r else "–"
-        return f"{_mib(r['peak_growth'])} ({r['peak_growth'] / r['output_bytes']:.2f}× output)"
+        return f"{mib(r['peak_growth'])} ({r['peak_growth'] / r['output_bytes']:.2f}× output)"
 
     lines = [
         f"Command: `{command}`  ",
@@ -379,14 +289,6 @@ def report(results: dict[str, dict[str, Any]], command: str, rounds: int) -> str
     return "\n".join(lines)
 
 
-def write_docs(table: str) -> None:
-    start, end = "<!-- dense:start -->", "<!-- dense:end -->"
-    text = DOCS.read_text() if DOCS.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    DOCS.write_text(f"{head}{start}\n{table}\n{end}{tail}")
-
-
 GROUPS = {
     "loss7770": [
         "loss7770/hesse",
@@ -402,42 +304,32 @@ GROUPS = {
 
 
 def main() -> None:
+    _register()
+    if child_main(SPECS, WARM):
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child-memory", help=argparse.SUPPRESS)
-    parser.add_argument("--child-times", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
     parser.add_argument("--quick", action="store_true", help="small sizes, print only")
     args = parser.parse_args()
-    if args.child_memory:
-        limit = os.environ.get("HESSE_BENCH_MEM_LIMIT_GB")
-        if limit:
-            cap = int(float(limit) * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        print(json.dumps(child_memory(args.child_memory)))
-        return
-    if args.child_times:
-        print(json.dumps(child_times(args.child_times.split(","), args.rounds)))
-        return
 
     results: dict[str, dict[str, Any]] = {}
     groups = ["quick"] if args.quick else ["loss7770", "chunk", "sample16", "sample64"]
     for group in groups:
         print(f"{group}:", flush=True)
-        results.update(measure_times(GROUPS[group], args.rounds))
+        results.update(measure_times(__file__, GROUPS[group], args.rounds))
         for spec in GROUPS[group]:
             if group != "chunk" or spec == "chunk128/hesse":
-                results[spec].update(measure_memory(spec))
+                results[spec].update(measure_memory(__file__, spec))
     if not args.quick:
         print("loss20k:", flush=True)
         for spec, limit in (("loss20k/hesse", None), ("loss20k/func_flat", 20.0)):
-            r = measure_memory(spec, limit)
+            r = measure_memory(__file__, spec, limit)
             results[spec] = {**r, "median_s": r["seconds"]} if "seconds" in r else r
     command = "python benchmarks/bench_dense.py" + (" --quick" if args.quick else "")
     table = report(results, command, args.rounds)
     print("\n" + table)
     if not args.quick:
-        write_docs(table)
-        print(f"\nwrote {DOCS.relative_to(ROOT)}")
+        write_docs("dense", table)
 
 
 if __name__ == "__main__":

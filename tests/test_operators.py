@@ -66,7 +66,8 @@ def oracle_ggn(model: nn.Module, crit: nn.Module, x: Tensor, y: Tensor) -> Tenso
 
     z = outputs(*values).detach()
     jac = _flat(torch.autograd.functional.jacobian(outputs, values), z.numel())  # (BO, N)
-    hz = torch.autograd.functional.hessian(lambda zz: crit(zz.reshape(16, -1), y), z)
+    shape = torch.func.functional_call(model, dict(zip(names, values)), (x,)).shape
+    hz = torch.autograd.functional.hessian(lambda zz: crit(zz.reshape(shape), y), z)
     return jac.T @ hz @ jac
 
 
@@ -179,10 +180,16 @@ def test_registry_cases_through_operators(case: Case) -> None:
         op = hesse.HessianOperator(case.model, case.criterion, (case.inputs, case.target))
         dense = hesse.loss_hessian_matrix(case.model, case.criterion, case.inputs, case.target)
         v = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=F64)
-        assert_close(op @ v, dense @ v)
+        assert_close(op @ v, dense @ v)  # vectorised path
+        assert_close(op @ v[:, 0], dense @ v[:, 0])  # single-product path
         ggn = hesse.GGNOperator(case.model, case.criterion, (case.inputs, case.target))
         g = ggn.to_dense()
         assert_close(g, g.T)
+        if len(case.inputs) == 1:
+            model, x = case.model, case.inputs[0]
+            case.model.eval()
+            assert_close(g, oracle_ggn(model, case.criterion, x, case.target))
+            case.model.train(case.train_mode)
         assert_close(ggn.diagonal(), g.diagonal())
         with per_sample(case):
             fisher = hesse.EmpiricalFisherOperator(
@@ -251,3 +258,11 @@ def test_operator_leaves_copies_alone() -> None:
     hesse.EmpiricalFisherOperator(model, crit, (x, y)).to_dense()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_single_product_of_a_loss_linear_in_the_parameters_is_zero() -> None:
+    model = nn.Linear(3, 1).to(F64)
+    x = torch.randn(4, 3, dtype=F64)
+    op = hesse.HessianOperator(model, lambda out, t: out.sum(), (x, torch.zeros(4)))
+    assert torch.count_nonzero(op @ torch.ones(4, dtype=F64)) == 0
+    assert torch.count_nonzero(op @ torch.ones(4, 2, dtype=F64)) == 0

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["second_order_safe"]
+__all__ = ["elementary_norms", "math_attention", "second_order_safe"]
 
 _forward_ad_ready = False
 
@@ -141,11 +141,24 @@ class _ElementaryNorms(TorchFunctionMode):
         return (impl or func)(*args, **(kwargs or {}))
 
 
+def math_attention() -> Any:
+    """Attention through the MATH kernel, the only one with a second derivative."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def elementary_norms() -> Any:
+    """Normalisations through elementary ops, whose vmap batching rules are correct.
+
+    Plain autograd (no vmap) does not need it: its norm double-backward is right.
+    """
+    _load_forward_ad()
+    return _ElementaryNorms()
+
+
 @contextmanager
 def second_order_safe() -> Iterator[None]:
     """Context in which torch.func second derivatives of common layers are correct."""
-    _load_forward_ad()
     with ExitStack() as stack:
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        stack.enter_context(_ElementaryNorms())
+        stack.enter_context(math_attention())
+        stack.enter_context(elementary_norms())
         yield

@@ -14,15 +14,16 @@ The reduction is read from ``criterion.reduction`` when present, else ``"mean"``
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
-from hesse._compat import second_order_safe
+from hesse._compat import elementary_norms, math_attention
 from hesse._data import Batch, Dataset, as_dataset
 from hesse._functional import loss_function, sample_loss_function
 from hesse._layout import ParamLayout
@@ -47,6 +48,18 @@ __all__ = [
 
 Params = str | Sequence[str] | None
 _REDUCTIONS = ("mean", "sum")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _vectorised(method: _F) -> _F:
+    """Run a per-batch method that uses vmap with the norm-layer workaround of `_compat`."""
+
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with elementary_norms():
+            return method(*args, **kwargs)
+
+    return cast(_F, wrapped)
 
 
 def _reduction(criterion: Any, reduction: str | None) -> str:
@@ -106,6 +119,7 @@ class CurvatureOperator:
         self.data: Dataset = as_dataset(data)
         self.progress = progress
         self._fallbacks = Fallbacks()
+        self._parameters = dict(model.named_parameters(remove_duplicate=False))
         first = next(iter(self.data))
         with evaluation_mode(model), torch.no_grad():
             check_scalar_loss(criterion(model(*first.inputs), first.target))
@@ -236,12 +250,12 @@ class CurvatureOperator:
                     "progress=True needs tqdm, an optional extra: pip install 'hesse[progress]'."
                 ) from err
             batches = tqdm(batches, total=self.data.num_batches, desc=type(self).__name__)
-        with evaluation_mode(self.model), torch.no_grad(), second_order_safe():
+        with evaluation_mode(self.model), torch.no_grad():
             for batch in batches:
-                if self.reduction == "mean":
-                    yield batch, batch.size / self.data.num_samples
-                else:
-                    yield batch, 1.0
+                weight = batch.size / self.data.num_samples if self.reduction == "mean" else 1.0
+                # Loading the batch stays outside: a mode would intercept every indexing op.
+                with math_attention():
+                    yield batch, weight
 
     def _check_vector(self, other: Any) -> Tensor:
         if not isinstance(other, Tensor):
@@ -343,13 +357,49 @@ class HessianOperator(CurvatureOperator):
         return columns_at
 
     def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
-        n = theta.numel()
-        return self._columns(batch, theta)(slice(0, n))(tangents)
+        if tangents.shape[0] == 1:
+            return self._single_product(batch, tangents[0])[None]
+        return self._vmapped_matmat(batch, theta, tangents)
 
+    @_vectorised
+    def _vmapped_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
+        return self._columns(batch, theta)(slice(0, theta.numel()))(tangents)
+
+    def _single_product(self, batch: Batch, v: Tensor) -> Tensor:
+        # One product, as Lanczos and power iteration ask for: plain double backward through
+        # the model's own parameters, with no functional_call or torch.func overhead (about
+        # 2x faster than a transform for one vector). `evaluation_mode` restores the
+        # requires_grad flags that are switched on here for frozen but selected parameters.
+        params = [self._parameters[n] for n in self.layout.names]
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.criterion(self.model(*batch.inputs), batch.target)
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        tangent = self.layout.unflatten(v)
+        pairs = [
+            (g, tangent[n])
+            for g, n in zip(grads, self.layout.names)
+            if g is not None and g.requires_grad
+        ]
+        products: Sequence[Tensor | None] = [None] * len(params)
+        if pairs:
+            products = torch.autograd.grad(
+                [g for g, _ in pairs], params, [t for _, t in pairs], allow_unused=True
+            )
+        return torch.cat(
+            [
+                (h if h is not None else torch.zeros_like(p)).reshape(-1)
+                for h, p in zip(products, params)
+            ]
+        )
+
+    @_vectorised
     def _batch_dense(self, batch: Batch, theta: Tensor) -> Tensor:
         n = theta.numel()
         return dense_from_columns(self._columns(batch, theta), n, (), TARGET_COLUMNS, theta)
 
+    @_vectorised
     def _batch_diagonal(self, batch: Batch, theta: Tensor) -> Tensor:
         n = theta.numel()
         return diagonal_from_columns(self._columns(batch, theta), n, (), TARGET_COLUMNS, theta)
@@ -398,10 +448,12 @@ class GGNOperator(CurvatureOperator):
 
         return jvp_, hvp_, vjp_, tuple(z.shape)
 
+    @_vectorised
     def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
         j, h, jt, _ = self._linearise(batch, theta)
         return vmap(lambda v: jt(h(j(v))))(tangents)
 
+    @_vectorised
     def _batch_diagonal(self, batch: Batch, theta: Tensor) -> Tensor:
         # diag(Jᵀ H J) = Σ_r J_r ⊙ (Jᵀ H e_r), over the output entries r, a chunk at a time.
         _, h, jt, shape = self._linearise(batch, theta)
@@ -427,6 +479,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
     gradients; it is what ``torch.func`` per-sample gradients give.
     """
 
+    @_vectorised
     def _per_sample_gradients(self, batch: Batch, theta: Tensor) -> Tensor:
         g = sample_loss_function(self.model, self.layout.unflatten, self.criterion)
         try:

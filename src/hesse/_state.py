@@ -28,12 +28,14 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
         for name, buf in module._buffers.items()
         if buf is not None
     ]
-    model.eval()
+    if any(training for _, training in flags):
+        model.eval()
     try:
         yield
     finally:
         for module, training in flags:
-            module.training = training
+            if module.training != training:  # Module.__setattr__ is slow; skip no-ops
+                module.training = training
         for p, requires_grad, grad in params:
             if p.requires_grad != requires_grad:
                 p.requires_grad_(requires_grad)

@@ -1,0 +1,215 @@
+"""Matrix-free operators: hesse side by side with curvlinops and hessian-eigenthings.
+
+    python benchmarks/bench_operators.py          # full run, rewrites its docs/benchmarks.md table
+    python benchmarks/bench_operators.py --quick  # small sizes, prints only
+
+Problem: a cross-entropy MLP 64-96-96-10 (Tanh) on one batch of 512 samples given as a list,
+float32. Products
+with K = 32 columns are compared with 32 single products; one Hessian-vector product with the
+peers'; ``to_dense()`` with hesse's exact dense path; and the peak memory of one product on a
+~1M-parameter MLP over a 2-batch DataLoader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (
+    THREADS,
+    child_main,
+    measure_memory,
+    measure_times,
+    mib,
+    ratio,
+    seconds,
+    write_docs,
+)
+from bench_dense import mlp
+
+import hesse
+
+K = 32
+
+
+def problem(
+    widths: list[int], batch: int, batches: int = 1, loader: bool = False
+) -> tuple[nn.Module, nn.Module, Any]:
+    """A model, a loss and data: a list of batches, or a DataLoader (whose per-sample indexing
+    and collation would otherwise dominate the timing of one product at this size)."""
+    torch.manual_seed(0)
+    model = mlp(widths)
+    x = torch.randn(batch * batches, widths[0])
+    y = torch.randint(0, widths[-1], (batch * batches,))
+    if loader:
+        return model, nn.CrossEntropyLoss(), DataLoader(TensorDataset(x, y), batch_size=batch)
+    return model, nn.CrossEntropyLoss(), list(zip(x.split(batch), y.split(batch)))
+
+
+def _vectors(model: nn.Module, k: int) -> Tensor:
+    n = sum(p.numel() for p in model.parameters())
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+
+
+def hesse_matmat(
+    widths: list[int], batch: int, k: int, batches: int = 1, loader: bool = False
+) -> Callable[[], Any]:
+    model, crit, data = problem(widths, batch, batches, loader)
+    op = hesse.HessianOperator(model, crit, data)
+    v = _vectors(model, k)
+    return (lambda: op @ v) if k > 1 else (lambda: op @ v[:, 0])
+
+
+def hesse_singles(widths: list[int], batch: int, k: int) -> Callable[[], Any]:
+    model, crit, data = problem(widths, batch)
+    op = hesse.HessianOperator(model, crit, data)
+    v = _vectors(model, k)
+    return lambda: [op @ v[:, i] for i in range(k)]
+
+
+def curvlinops_matvec(
+    widths: list[int], batch: int, batches: int = 1, loader: bool = False
+) -> Callable[[], Any]:
+    from curvlinops import HessianLinearOperator
+
+    model, crit, data = problem(widths, batch, batches, loader)
+    params = list(model.parameters())
+    op = HessianLinearOperator(model, crit, params, data, check_deterministic=False)
+    v = _vectors(model, 1)[:, 0]
+    return lambda: op @ v
+
+
+def eigenthings_matvec(widths: list[int], batch: int) -> Callable[[], Any]:
+    import hessian_eigenthings as he
+
+    model, crit, data = problem(widths, batch)
+    op = he.HessianOperator(model, data, he.supervised_loss(crit))
+    v = _vectors(model, 1)[:, 0]
+    return lambda: op.matvec(v)
+
+
+def hesse_to_dense(widths: list[int], batch: int) -> Callable[[], Any]:
+    model, crit, data = problem(widths, batch)
+    op = hesse.HessianOperator(model, crit, data)
+    return op.to_dense
+
+
+def hesse_dense_path(widths: list[int], batch: int) -> Callable[[], Any]:
+    model, crit, data = problem(widths, batch)
+    x, y = data[0]
+    return lambda: hesse.loss_hessian_matrix(model, crit, x, y)
+
+
+MAIN = [64, 96, 96, 10]
+DENSE = [64, 64, 48, 10]
+BIG = [512, 1024, 512, 10]  # 1,055,242 parameters
+SPECS: dict[str, Callable[[], Callable[[], Any]]] = {
+    "k32/hesse_matmat": lambda: hesse_matmat(MAIN, 512, K),
+    "k32/hesse_singles": lambda: hesse_singles(MAIN, 512, K),
+    "hvp/hesse": lambda: hesse_matmat(MAIN, 512, 1),
+    "hvp/curvlinops": lambda: curvlinops_matvec(MAIN, 512),
+    "hvp/eigenthings": lambda: eigenthings_matvec(MAIN, 512),
+    "dense/to_dense": lambda: hesse_to_dense(DENSE, 256),
+    "dense/loss_hessian_matrix": lambda: hesse_dense_path(DENSE, 256),
+    "big/hesse": lambda: hesse_matmat(BIG, 256, 1, batches=2, loader=True),
+    "big/curvlinops": lambda: curvlinops_matvec(BIG, 256, batches=2, loader=True),
+    "quick/hesse": lambda: hesse_matmat([8, 16, 4], 32, 4),
+    "quick/hesse_1": lambda: hesse_matmat([8, 16, 4], 32, 1),
+    "quick/curvlinops": lambda: curvlinops_matvec([8, 16, 4], 32),
+    "quick/eigenthings": lambda: eigenthings_matvec([8, 16, 4], 32),
+}
+WARM = ("quick/hesse", "quick/hesse_1", "quick/curvlinops", "quick/eigenthings")
+GROUPS = {
+    "k32": ["k32/hesse_matmat", "k32/hesse_singles"],
+    "hvp": ["hvp/hesse", "hvp/curvlinops", "hvp/eigenthings"],
+    "dense": ["dense/to_dense", "dense/loss_hessian_matrix"],
+    "quick": list(WARM),
+}
+
+
+def report(results: dict[str, dict[str, Any]], rounds: int) -> str:
+    n_main = sum(p.numel() for p in mlp(MAIN).parameters())
+    n_big = sum(p.numel() for p in mlp(BIG).parameters())
+
+    def mem(spec: str) -> str:
+        r = results.get(spec, {})
+        return mib(r["peak_growth"]) if "peak_growth" in r else r.get("error", "–")[:80]
+
+    lines = [
+        "Command: `python benchmarks/bench_operators.py`  ",
+        f"{THREADS} threads, float32, medians of {rounds} round-robin rounds.",
+        "",
+        f"### Products, cross-entropy MLP 64-96-96-10, batch 512, N = {n_main:,}",
+        "",
+        "| measurement | time | ratio (range over rounds) |",
+        "| --- | --- | --- |",
+        f"| `op @ V`, K = 32 columns | {seconds(results, 'k32/hesse_matmat', 'ms')} | 1.00× |",
+        f"| 32 single products `op @ v` | {seconds(results, 'k32/hesse_singles', 'ms')} | "
+        f"{ratio(results, 'k32/hesse_singles', 'k32/hesse_matmat')} slower |",
+        f"| one product, hesse | {seconds(results, 'hvp/hesse', 'ms')} | 1.00× |",
+        f"| one product, curvlinops `HessianLinearOperator` | "
+        f"{seconds(results, 'hvp/curvlinops', 'ms')} | "
+        f"{ratio(results, 'hvp/curvlinops', 'hvp/hesse')} of hesse's time |",
+        f"| one product, hessian-eigenthings `HessianOperator.matvec` | "
+        f"{seconds(results, 'hvp/eigenthings', 'ms')} | "
+        f"{ratio(results, 'hvp/eigenthings', 'hvp/hesse')} of hesse's time |",
+        "",
+        "### `to_dense()` against the exact dense path, MLP 64-64-48-10, batch 256, N = 7,770",
+        "",
+        "| method | time | ratio |",
+        "| --- | --- | --- |",
+        f"| `HessianOperator(...).to_dense()` | {seconds(results, 'dense/to_dense')} | "
+        f"{ratio(results, 'dense/to_dense', 'dense/loss_hessian_matrix')} |",
+        f"| `hesse.loss_hessian_matrix` | {seconds(results, 'dense/loss_hessian_matrix')} "
+        "| 1.00× |",
+        "",
+        f"### Memory of one product, MLP 512-1024-512-10 (N = {n_big:,}), DataLoader of 2 "
+        "batches of 256",
+        "",
+        "| method | time | peak memory growth |",
+        "| --- | --- | --- |",
+        f"| hesse `HessianOperator @ v` | {seconds(results, 'big/hesse')} | {mem('big/hesse')} |",
+        f"| curvlinops `HessianLinearOperator @ v` | {seconds(results, 'big/curvlinops')} | "
+        f"{mem('big/curvlinops')} |",
+        "",
+        f"One vector of N floats is {mib(4 * n_big)}; the model's weights are the same size.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if child_main(SPECS, WARM):
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=sorted(GROUPS), help="run one table, print only")
+    args = parser.parse_args()
+    results: dict[str, dict[str, Any]] = {}
+    groups = ["quick"] if args.quick else ["k32", "hvp", "dense"]
+    if args.only:
+        groups, args.quick = [args.only], True
+    for group in groups:
+        print(f"{group}:", flush=True)
+        results.update(measure_times(__file__, GROUPS[group], args.rounds))
+    if not args.quick:
+        print("big:", flush=True)
+        for spec in ("big/hesse", "big/curvlinops"):
+            r = measure_memory(__file__, spec)
+            results[spec] = {**r, "median_s": r["seconds"]} if "seconds" in r else r
+    table = report(results, args.rounds)
+    print("\n" + table)
+    if not args.quick:
+        write_docs("operators", table)
+
+
+if __name__ == "__main__":
+    main()
