@@ -266,3 +266,27 @@ def test_single_product_of_a_loss_linear_in_the_parameters_is_zero() -> None:
     op = hesse.HessianOperator(model, lambda out, t: out.sum(), (x, torch.zeros(4)))
     assert torch.count_nonzero(op @ torch.ones(4, dtype=F64)) == 0
     assert torch.count_nonzero(op @ torch.ones(4, 2, dtype=F64)) == 0
+
+
+def test_one_batch_graph_is_reused_and_follows_changes() -> None:
+    """A one-batch operator keeps its gradient graph, and rebuilds it when anything changes."""
+    model, crit, x, y = _problem("ce", "mean")
+    model[2].weight.requires_grad_(False)
+    params = ["0.weight", "2.weight"]  # one of them frozen but named
+    op = hesse.HessianOperator(model, crit, (x, y), params=params)
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(2), dtype=F64)
+    first = op @ v
+    assert op._graph is not None  # kept for the next product
+    assert_close(op @ v, first)
+    assert not model[2].weight.requires_grad
+    expected = hesse.loss_hessian_matrix(model, crit, x, y, params=params) @ v
+    assert_close(first, expected)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # an in-place update, as an optimizer step makes
+    assert_close(op @ v, hesse.loss_hessian_matrix(model, crit, x, y, params=params) @ v)
+    with torch.no_grad():
+        x.mul_(0.5)  # the data changed in place
+    assert_close(op @ v, hesse.loss_hessian_matrix(model, crit, x, y, params=params) @ v)
+    two_batches = hesse.HessianOperator(model, crit, [(x[:8], y[:8]), (x[8:], y[8:])])
+    two_batches @ torch.ones(two_batches.shape[0], dtype=F64)
+    assert two_batches._graph is None  # several batches: no graphs are kept
