@@ -357,6 +357,14 @@ class HessianOperator(CurvatureOperator):
 
         return columns_at
 
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        if matrix.shape[1] > 1:
+            return super()._matmat(matrix)
+        out = torch.zeros_like(matrix[:, 0])  # one column: no parameter vector needed
+        for batch, weight in self._weighted_batches():
+            out.add_(self._single_product(batch, matrix[:, 0]), alpha=weight)
+        return out[:, None]
+
     def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
         if tangents.shape[0] == 1:
             return self._single_product(batch, tangents[0])[None]
@@ -399,14 +407,24 @@ class HessianOperator(CurvatureOperator):
         on changes (parameters, buffers and data, by identity and version counter), so that a
         repeated product costs one backward pass; the memory it holds is the activations.
         """
-        key = None
-        if self.data.num_batches == 1:
-            tensors = (*self.model.parameters(), *self.model.buffers(), *batch.inputs)
-            key = tuple((id(t), t._version) for t in (*tensors, batch.target))
-            if self._graph is not None and self._graph[0] == key:
-                return self._graph[1], self._graph[2]
+        if self.data.num_batches > 1:
+            # Nothing is kept: differentiate the model's own parameters (no functional_call
+            # overhead); `evaluation_mode` restores the requires_grad flags switched on here.
+            params: list[Tensor] = [self._parameters[n] for n in self.layout.names]
+            for p in params:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                loss = self.criterion(self.model(*batch.inputs), batch.target)
+                return params, torch.autograd.grad(
+                    loss, params, create_graph=True, allow_unused=True
+                )
+        tensors = (*self.model.parameters(), *self.model.buffers(), *batch.inputs)
+        key = tuple((id(t), t._version) for t in (*tensors, batch.target))
+        if self._graph is not None and self._graph[0] == key:
+            return self._graph[1], self._graph[2]
         self._graph = None
-        # detach() shares storage and version counter with the parameter.
+        # Kept between products: leaves that share storage and version counter with the
+        # parameters, so that the parameters' own requires_grad flags stay the user's.
         leaves = [self._parameters[n].detach().requires_grad_() for n in self.layout.names]
         with torch.enable_grad():
             output = torch.func.functional_call(
@@ -414,8 +432,7 @@ class HessianOperator(CurvatureOperator):
             )
             loss = self.criterion(output, batch.target)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        if key is not None:
-            self._graph = (key, leaves, grads)
+        self._graph = (key, leaves, grads)
         return leaves, grads
 
     @_vectorised
