@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hesse.cli import MimoModel  # the seed README's model, shared with `hesse demo`
+
 DTYPE = torch.float64
 
 
@@ -40,20 +42,6 @@ def _init(model: nn.Module, seed: int) -> nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.7)
     return model.to(DTYPE)
-
-
-class MimoModel(nn.Module):
-    """The seed README's multi-input, multi-output model."""
-
-    def __init__(self, m: int) -> None:
-        super().__init__()
-        self.A = nn.Parameter(torch.randn(m, m))
-        self.B = nn.Parameter(torch.randn(m, m))
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        row_1 = torch.trace(self.A.T @ self.A) * x
-        row_2 = torch.trace(self.B.T @ self.B) * y
-        return torch.hstack((row_1, row_2))
 
 
 class Attention(nn.Module):
