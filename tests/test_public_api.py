@@ -5,6 +5,14 @@ from __future__ import annotations
 import hesse
 
 EXPECTED = {
+    "EigenResult",
+    "SpectralDensity",
+    "TraceResult",
+    "diagonal",
+    "eigsh",
+    "sharpness",
+    "spectral_density",
+    "trace",
     "CurvatureOperator",
     "EmpiricalFisherOperator",
     "GGNOperator",

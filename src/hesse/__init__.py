@@ -24,19 +24,34 @@ from hesse._operators import (
     HessianOperator,
     hvp,
 )
+from hesse._spectral import (
+    EigenResult,
+    SpectralDensity,
+    TraceResult,
+    diagonal,
+    eigsh,
+    sharpness,
+    spectral_density,
+    trace,
+)
 from hesse._transforms import PerformanceWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CurvatureOperator",
+    "EigenResult",
     "EmpiricalFisherOperator",
     "GGNOperator",
     "HessianOperator",
     "MemoryBudgetError",
     "ParamLayout",
     "PerformanceWarning",
+    "SpectralDensity",
+    "TraceResult",
     "__version__",
+    "diagonal",
+    "eigsh",
     "hvp",
     "loss_hessian_diagonal",
     "loss_hessian_dict",
@@ -47,4 +62,7 @@ __all__ = [
     "model_hessian_matrix",
     "model_sharpness",
     "per_sample_loss_hessian",
+    "sharpness",
+    "spectral_density",
+    "trace",
 ]

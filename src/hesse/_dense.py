@@ -25,6 +25,7 @@ from hesse._functional import (
 )
 from hesse._layout import ParamLayout
 from hesse._memory import activation_bytes, format_bytes, plan_chunk
+from hesse._spectral import sharpness
 from hesse._state import evaluation_mode
 from hesse._transforms import (
     ColumnFn,
@@ -269,10 +270,6 @@ def _dict(
     }
 
 
-def _largest_magnitude_eigenvalue(hessian: Tensor) -> Tensor:
-    return torch.linalg.eigvalsh(hessian).abs().amax(dim=-1)
-
-
 def _run(model: nn.Module, build: Callable[[], Any]) -> Any:
     # no_grad: torch.func transforms ignore it, but it stops autograd from recording a graph
     # through parameters that were not selected.
@@ -405,7 +402,7 @@ def model_sharpness(
     what = "model_sharpness"
     return _run(
         model,
-        lambda: _largest_magnitude_eigenvalue(
+        lambda: sharpness(
             _matrix(_model_curvature(model, inputs, params, is_batch), False, chunk_size, what)
         ),
     )
@@ -526,11 +523,15 @@ def loss_sharpness(
     *,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Largest absolute eigenvalue of the loss Hessian, a 0-dim tensor."""
+    """Largest absolute eigenvalue of the loss Hessian, a 0-dim tensor.
+
+    The dense Hessian is formed, then `hesse.sharpness` takes its spectrum: dense ``eigvalsh``
+    up to N = 256, Lanczos on the matrix beyond (exact to the last digits, far cheaper).
+    """
     what = "loss_sharpness"
     return _run(
         model,
-        lambda: _largest_magnitude_eigenvalue(
+        lambda: sharpness(
             _matrix(
                 _loss_curvature(model, criterion, inputs, target, params), False, chunk_size, what
             )

@@ -1,0 +1,451 @@
+"""Spectral tools for a dense symmetric matrix or any hesse operator.
+
+Every function takes ``A`` as a dense symmetric tensor ``(N, N)`` or an object with ``shape``,
+``dtype``, ``device`` and ``A @ V`` for ``V`` of shape ``(N, K)`` (every hesse operator), draws
+its random vectors from an explicit ``seed`` or ``torch.Generator``, and returns a frozen
+dataclass with diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EigenResult",
+    "SpectralDensity",
+    "TraceResult",
+    "diagonal",
+    "eigsh",
+    "sharpness",
+    "spectral_density",
+    "trace",
+]
+
+Seed = int | torch.Generator | None
+_WHICH = ("LA", "SA", "LM")
+# Below this size a dense eigendecomposition is cheaper and exact.
+DENSE_LIMIT = 256
+
+
+# ---------------------------------------------------------------------------------- plumbing
+
+
+@dataclass(frozen=True)
+class _Linear:
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+    matmat: Callable[[Tensor], Tensor]  # (N, K) -> (N, K)
+    dense: Callable[[], Tensor]
+
+
+def _linear(a: Any) -> _Linear:
+    if isinstance(a, Tensor):
+        if a.ndim != 2 or a.shape[0] != a.shape[1]:
+            raise ValueError(
+                f"A: expected a square (N, N) tensor or a hesse operator, got shape "
+                f"{tuple(a.shape)}."
+            )
+        if not a.is_floating_point():
+            raise TypeError(f"A: expected a floating-point matrix, got {a.dtype}.")
+        return _Linear(a.shape[0], a.dtype, a.device, lambda v: a @ v, lambda: a)
+    shape = getattr(a, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1] or not hasattr(a, "__matmul__"):
+        raise TypeError(
+            "A: expected a symmetric (N, N) tensor or an operator with .shape, .dtype, .device "
+            f"and A @ V (such as hesse.HessianOperator), got {type(a).__name__}."
+        )
+    to_dense = getattr(a, "to_dense", None)
+
+    def dense() -> Tensor:
+        if to_dense is not None:
+            return to_dense()
+        return a @ torch.eye(shape[0], dtype=a.dtype, device=a.device)
+
+    return _Linear(int(shape[0]), a.dtype, a.device, lambda v: a @ v, dense)
+
+
+def _generator(seed: Seed, device: torch.device) -> torch.Generator:
+    if isinstance(seed, torch.Generator):
+        return seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed: expected an int, a torch.Generator or None, got {seed!r}.")
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+    return g
+
+
+def _rademacher(n: int, k: int, lin: _Linear, g: torch.Generator) -> Tensor:
+    signs = torch.randint(0, 2, (n, k), generator=g, device=lin.device)
+    return (2 * signs - 1).to(lin.dtype)
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}.")
+    return value
+
+
+# ------------------------------------------------------------------------------ eigenpairs
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Eigenpairs with their diagnostics.
+
+    Attributes:
+        eigenvalues: ``(k,)``, ordered as requested (largest first for ``"LA"``/``"LM"``).
+        eigenvectors: ``(N, k)``, orthonormal columns.
+        residuals: ``(k,)``, ``‖A v − λ v‖`` of each pair.
+        converged: ``(k,)`` bools, residual within the tolerance.
+        num_matvecs: Products with ``A`` used (0 for a dense input solved directly).
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    converged: Tensor
+    num_matvecs: int
+
+
+def _order(values: Tensor, which: str) -> Tensor:
+    key = {"LA": -values, "SA": values, "LM": -values.abs()}[which]
+    return torch.argsort(key)
+
+
+def eigsh(
+    A: Any,
+    k: int = 1,
+    which: str = "LA",
+    *,
+    tol: float = 1e-8,
+    max_iter: int = 50,
+    max_basis: int | None = None,
+    seed: Seed = None,
+) -> EigenResult:
+    r"""The ``k`` extreme eigenpairs of a symmetric matrix or operator.
+
+    Thick-restart Lanczos with full reorthogonalisation: the basis grows one product at a time,
+    Ritz pairs come from the exact projection :math:`Q^\top A Q`, and a restart keeps the
+    wanted Ritz vectors and continues from the residual. A pair is converged when
+    :math:`\|Av - \lambda v\| \le \mathrm{tol} \cdot \max|\lambda|`; the eigenvalue error is
+    then about the square of that. Small matrices (N <= 256) are solved densely.
+
+    Args:
+        A: A symmetric ``(N, N)`` tensor or a hesse operator.
+        k: Number of eigenpairs, ``1 <= k < N``.
+        which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest
+            magnitude.
+        tol: Relative residual tolerance.
+        max_iter: Restarts at most.
+        max_basis: Basis size before a restart (default ``max(2k + 20, 40)``, capped at N).
+        seed: Seed or generator of the start vector.
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 301.0, dtype=torch.float64))
+        >>> result = eigsh(A, k=2)
+        >>> result.eigenvalues.round(decimals=8)
+        tensor([300., 299.], dtype=torch.float64)
+        >>> bool(result.converged.all())
+        True
+    """
+    lin = _linear(A)
+    n = lin.n
+    if which not in _WHICH:
+        raise ValueError(f"which: expected one of {_WHICH}, got {which!r}.")
+    _positive_int("k", k)
+    if k >= n:
+        raise ValueError(
+            f"k: must be smaller than N = {n} for an iterative solver, got k = {k}; for all "
+            "eigenvalues use torch.linalg.eigh(A.to_dense())."
+        )
+    if n <= DENSE_LIMIT:
+        dense = lin.dense()
+        values, vectors = torch.linalg.eigh(dense)
+        idx = _order(values, which)[:k]
+        values, vectors = values[idx], vectors[:, idx]
+        residuals = torch.linalg.vector_norm(dense @ vectors - vectors * values, dim=0)
+        scale = values.abs().max().clamp_min(torch.finfo(lin.dtype).tiny)
+        used = 0 if isinstance(A, Tensor) else n
+        return EigenResult(values, vectors, residuals, residuals <= tol * scale + 1e-12, used)
+
+    m = min(n, max_basis or max(2 * k + 20, 40))
+    if m <= k:
+        raise ValueError(f"max_basis: must exceed k = {k}, got {m}.")
+    g = _generator(seed, lin.device)
+    q = torch.randn(n, 1, generator=g, dtype=lin.dtype, device=lin.device)
+    basis = torch.empty(n, m, dtype=lin.dtype, device=lin.device)
+    images = torch.empty_like(basis)  # A @ basis, kept to form the exact projection
+    size, matvecs = 0, 0
+    values = vectors = residuals = torch.empty(0)
+    converged = torch.zeros(k, dtype=torch.bool)
+    for _ in range(max_iter + 1):
+        while size < m:
+            # Full reorthogonalisation, twice ("twice is enough"), against the whole basis.
+            for _ in range(2):
+                q = q - basis[:, :size] @ (basis[:, :size].T @ q)
+            norm = torch.linalg.vector_norm(q)
+            if norm <= 1e-12 * max(1.0, float(images[:, :size].abs().max()) if size else 1.0):
+                # Invariant subspace found: continue from a fresh random direction.
+                q = torch.randn(n, 1, generator=g, dtype=lin.dtype, device=lin.device)
+                continue
+            q = q / norm
+            basis[:, size : size + 1] = q
+            images[:, size : size + 1] = lin.matmat(q)
+            matvecs += 1
+            q = images[:, size : size + 1].clone()
+            size += 1
+        projection = basis.T @ images
+        theta, s = torch.linalg.eigh((projection + projection.T) / 2)
+        idx = _order(theta, which)
+        theta, s = theta[idx], s[:, idx]
+        ritz = basis @ s[:, :k]
+        residual_vectors = images @ s[:, :k] - ritz * theta[:k]
+        residuals = torch.linalg.vector_norm(residual_vectors, dim=0)
+        scale = theta.abs().max().clamp_min(torch.finfo(lin.dtype).tiny)
+        converged = residuals <= tol * scale
+        values, vectors = theta[:k], ritz
+        if bool(converged.all()):
+            break
+        # Thick restart: keep the wanted Ritz vectors (and a few more), continue from the
+        # residual of the first unconverged pair.
+        keep = min(m - 1, k + max(2, (m - k) // 3))
+        basis[:, :keep] = basis @ s[:, :keep]
+        images[:, :keep] = images @ s[:, :keep]
+        size = keep
+        first = int((~converged).nonzero()[0])
+        q = residual_vectors[:, first : first + 1]
+    return EigenResult(values, vectors, residuals, converged, matvecs)
+
+
+def sharpness(A: Any, *, tol: float = 1e-8, seed: Seed = None) -> Tensor:
+    """The largest absolute eigenvalue: ``(...)`` for a batch of dense ``(..., N, N)``
+    matrices (solved densely), a 0-dim tensor for an operator (Lanczos, ``which="LM"``)."""
+    if isinstance(A, Tensor) and (A.ndim != 2 or A.shape[-1] <= DENSE_LIMIT):
+        if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
+            raise ValueError(f"A: expected square matrices (..., N, N), got {tuple(A.shape)}.")
+        return torch.linalg.eigvalsh(A).abs().amax(dim=-1)
+    if _linear(A).n == 1:
+        return _linear(A).dense().abs().reshape(())
+    return eigsh(A, k=1, which="LM", tol=tol, seed=seed).eigenvalues.abs()[0]
+
+
+# ----------------------------------------------------------------------------------- trace
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """A trace estimate.
+
+    Attributes:
+        estimate: 0-dim tensor, unbiased.
+        stderr: 0-dim tensor, the standard error of the estimate (from the spread of the
+            probes; 0 when the estimate is exact).
+        num_matvecs: Products with ``A`` used.
+    """
+
+    estimate: Tensor
+    stderr: Tensor
+    num_matvecs: int
+
+
+def trace(
+    A: Any, num_matvecs: int = 30, method: str = "hutch++", *, seed: Seed = None
+) -> TraceResult:
+    r"""Estimate :math:`\operatorname{tr}(A)` from ``num_matvecs`` products, all in one batch.
+
+    ``"hutchinson"``: the mean of :math:`z^\top A z` over Rademacher probes. ``"hutch++"``
+    (Meyer et al., 2021): a third of the products find a basis :math:`Q` of ``A``'s dominant
+    range, whose part :math:`\operatorname{tr}(Q^\top A Q)` is exact, and Hutchinson estimates
+    only the rest, :math:`(I - QQ^\top) A (I - QQ^\top)`; far smaller error when the spectrum
+    decays. The standard error comes from the spread of the Hutchinson samples.
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+        >>> result = trace(A, num_matvecs=30, method="hutch++", seed=0)
+        >>> float(result.estimate), float(result.stderr)  # rank <= 10 = number of sketches
+        (55.0, 0.0)
+    """
+    lin = _linear(A)
+    if method not in ("hutchinson", "hutch++"):
+        raise ValueError(f"method: expected 'hutchinson' or 'hutch++', got {method!r}.")
+    g = _generator(seed, lin.device)
+    if method == "hutchinson":
+        m = _positive_int("num_matvecs", num_matvecs, 2)
+        z = _rademacher(lin.n, m, lin, g)
+        samples = (z * lin.matmat(z)).sum(0)
+        return TraceResult(samples.mean(), samples.std() / math.sqrt(m), m)
+    m = _positive_int("num_matvecs", num_matvecs, 3)
+    sketch = m // 3
+    probes = m - 2 * sketch
+    q, _ = torch.linalg.qr(lin.matmat(_rademacher(lin.n, sketch, lin, g)))
+    z = _rademacher(lin.n, probes, lin, g)
+    z = z - q @ (q.T @ z)
+    images = lin.matmat(torch.cat([q, z], dim=1))
+    exact = (q * images[:, : q.shape[1]]).sum()
+    samples = (z * images[:, q.shape[1] :]).sum(0)
+    if samples.numel() < 2 or q.shape[1] >= lin.n:
+        return TraceResult(exact + samples.mean(), torch.zeros((), dtype=lin.dtype), m)
+    return TraceResult(exact + samples.mean(), samples.std() / math.sqrt(probes), m)
+
+
+def diagonal(A: Any, num_matvecs: int = 30, method: str = "diag++", *, seed: Seed = None) -> Tensor:
+    r"""Estimate the diagonal ``(N,)`` from ``num_matvecs`` products.
+
+    ``"hutchinson"``: the mean of :math:`z \odot Az` over Rademacher probes. ``"diag++"``:
+    a low-rank correction in the spirit of Hutch++ and XDiag — half of the products build a
+    basis :math:`Q` of ``A``'s dominant range, :math:`\operatorname{diag}(QQ^\top A)` is taken
+    exactly, and Hutchinson estimates the diagonal of the rest. ``"exact"``: the operator's
+    exact ``diagonal()`` (or the dense diagonal), ``num_matvecs`` ignored.
+    """
+    lin = _linear(A)
+    if method == "exact":
+        return A.diagonal()
+    if method not in ("hutchinson", "diag++"):
+        raise ValueError(f"method: expected 'hutchinson', 'diag++' or 'exact', got {method!r}.")
+    g = _generator(seed, lin.device)
+    if method == "hutchinson":
+        m = _positive_int("num_matvecs", num_matvecs)
+        z = _rademacher(lin.n, m, lin, g)
+        return (z * lin.matmat(z)).mean(1)
+    m = _positive_int("num_matvecs", num_matvecs, 3)
+    sketch = m // 3
+    probes = m - 2 * sketch
+    q, _ = torch.linalg.qr(lin.matmat(_rademacher(lin.n, sketch, lin, g)))
+    z = _rademacher(lin.n, probes, lin, g)
+    images = lin.matmat(torch.cat([q, z], dim=1))
+    aq, az = images[:, : q.shape[1]], images[:, q.shape[1] :]
+    low_rank = (q * aq).sum(1)  # diag(Q Qᵀ A) for symmetric A: rows of Q ⊙ A Q
+    rest = az - q @ (aq.T @ z)  # (A - Q Qᵀ A) z
+    return low_rank + (z * rest).mean(1)
+
+
+# --------------------------------------------------------------------------- spectral density
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """A smoothed eigenvalue density from stochastic Lanczos quadrature.
+
+    Attributes:
+        grid: ``(G,)`` points.
+        density: ``(G,)`` values; integrates to 1 over ``grid``.
+        nodes: ``(P, m)`` Ritz values of each probe's Lanczos run.
+        weights: ``(P, m)`` quadrature weights; each probe's sum to 1 / P.
+        sigma: Width of the Gaussian kernel.
+        num_matvecs: Products with ``A`` used.
+    """
+
+    grid: Tensor
+    density: Tensor
+    nodes: Tensor
+    weights: Tensor
+    sigma: float
+    num_matvecs: int
+
+    def plot(self, path: Any = None, ax: Any = None, log: bool = True) -> Any:
+        """Plot the density (log scale by default) with matplotlib; save a PNG to ``path``.
+
+        Returns the matplotlib axes. Needs the ``plot`` extra (``pip install "hesse[plot]"``).
+        """
+        try:
+            import matplotlib
+
+            if ax is None and path is not None:
+                matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as err:
+            raise ImportError(
+                "SpectralDensity.plot() needs matplotlib: pip install 'hesse[plot]'."
+            ) from err
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+        grid = self.grid.detach().cpu().double().numpy()
+        density = self.density.detach().cpu().double().numpy()
+        floor = density.max() * 1e-8 if log else 0.0
+        ax.plot(grid, density + floor, color="C0")
+        ax.fill_between(grid, floor, density + floor, color="C0", alpha=0.25)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        ax.set_title(f"Spectral density (SLQ, {self.nodes.shape[0]} probes)")
+        if path is not None:
+            ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+        if own and path is not None:
+            plt.close(ax.figure)
+        return ax
+
+
+def _lanczos_probes(lin: _Linear, v: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Lanczos on every column of ``v`` at once: tridiagonals ``alpha (P, m)``, ``beta (P, m-1)``.
+
+    One block product per step (all probes vectorised), full reorthogonalisation per probe.
+    """
+    n, p = v.shape
+    basis = torch.empty(steps, n, p, dtype=lin.dtype, device=lin.device)
+    alpha = torch.zeros(p, steps, dtype=lin.dtype, device=lin.device)
+    beta = torch.zeros(p, max(steps - 1, 0), dtype=lin.dtype, device=lin.device)
+    q = v / torch.linalg.vector_norm(v, dim=0)
+    for j in range(steps):
+        basis[j] = q
+        w = lin.matmat(q)
+        alpha[:, j] = (q * w).sum(0)
+        for _ in range(2):  # reorthogonalise against this probe's own basis
+            w = w - torch.einsum(
+                "jnp,jp->np", basis[: j + 1], torch.einsum("jnp,np->jp", basis[: j + 1], w)
+            )
+        if j + 1 < steps:
+            b = torch.linalg.vector_norm(w, dim=0)
+            beta[:, j] = b
+            q = w / b.clamp_min(torch.finfo(lin.dtype).tiny)
+    return alpha, beta
+
+
+def spectral_density(
+    A: Any,
+    *,
+    num_probes: int = 8,
+    lanczos_steps: int = 60,
+    grid: int | Tensor = 400,
+    sigma: float | None = None,
+    seed: Seed = None,
+) -> SpectralDensity:
+    r"""Stochastic Lanczos quadrature (Ubaru, Chen & Saad, 2017; Ghorbani et al., 2019).
+
+    Each of ``num_probes`` random unit vectors runs ``lanczos_steps`` Lanczos steps (all probes
+    vectorised in one block product per step). The tridiagonal's eigenvalues are quadrature
+    nodes and the squared first components of its eigenvectors their weights, so
+    :math:`\sum_j w_j f(\theta_j) \approx \frac{1}{N}\operatorname{tr} f(A)`. The density is
+    the nodes smoothed by a Gaussian of width ``sigma`` (default 1% of the spectral range),
+    normalised to integrate to 1 over the grid.
+    """
+    lin = _linear(A)
+    probes = _positive_int("num_probes", num_probes)
+    steps = min(_positive_int("lanczos_steps", lanczos_steps), lin.n)
+    g = _generator(seed, lin.device)
+    v = torch.randn(lin.n, probes, generator=g, dtype=lin.dtype, device=lin.device)
+    alpha, beta = _lanczos_probes(lin, v, steps)
+    tridiagonal = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+    nodes, vectors = torch.linalg.eigh(tridiagonal)
+    weights = vectors[:, 0, :] ** 2 / probes
+    lo, hi = float(nodes.min()), float(nodes.max())
+    span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
+    width = sigma if sigma is not None else 0.01 * span
+    if isinstance(grid, Tensor):
+        points = grid.to(lin.dtype)
+    else:
+        count = _positive_int("grid", grid, 2)
+        points = torch.linspace(lo - 5 * width, hi + 5 * width, count, dtype=lin.dtype)
+    kernel = torch.exp(-0.5 * ((points[:, None] - nodes.reshape(1, -1).cpu()) / width) ** 2)
+    density = kernel @ weights.reshape(-1).cpu() / (width * math.sqrt(2 * math.pi))
+    mass = torch.trapezoid(density, points)
+    density = density / mass
+    return SpectralDensity(points, density, nodes, weights, width, probes * steps)

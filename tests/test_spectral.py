@@ -1,0 +1,168 @@
+"""Spectral tools against known spectra and dense eigendecompositions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+from torch import nn
+
+import hesse
+
+F64 = torch.float64
+
+
+def _matrix(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n = eigenvalues.numel()
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    return (q * eigenvalues) @ q.T
+
+
+def _spectrum(n: int = 400) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    # clustered top pair, a dominant negative one, and a bulk in [-1, 1]
+    head = torch.tensor([10.0, 9.999, 9.5, -12.0, -4.0], dtype=F64)
+    return torch.cat([head, torch.rand(n - 5, generator=g, dtype=F64) * 2 - 1])
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_eigsh_known_spectrum(which: str) -> None:
+    ev = _spectrum()
+    a = _matrix(ev)
+    result = hesse.eigsh(a, k=3, which=which, seed=0)
+    order = {"LA": torch.argsort(-ev), "SA": torch.argsort(ev), "LM": torch.argsort(-ev.abs())}
+    expected = ev[order[which]][:3]
+    assert_close(result.eigenvalues, expected, rtol=1e-9)
+    assert result.converged.all()
+    assert result.eigenvectors.shape == (400, 3)
+    assert_close(result.eigenvectors.T @ result.eigenvectors, torch.eye(3, dtype=F64), rtol=1e-9)
+    direct = torch.linalg.vector_norm(
+        a @ result.eigenvectors - result.eigenvectors * result.eigenvalues, dim=0
+    )
+    assert_close(result.residuals, direct, rtol=1e-6)
+    assert 0 < result.num_matvecs < 400
+
+
+def test_eigsh_small_dense_and_operator() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).to(F64)
+    x, y = torch.randn(40, 6, dtype=F64), torch.randint(0, 3, (40,))
+    op = hesse.HessianOperator(model, nn.CrossEntropyLoss(), [(x[:25], y[:25]), (x[25:], y[25:])])
+    true = torch.linalg.eigvalsh(op.to_dense())
+    result = hesse.eigsh(op, k=2, which="LA")  # N = 123: dense path through to_dense
+    assert_close(result.eigenvalues, true.flip(0)[:2], rtol=1e-9)
+    bigger = nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 3)).to(F64)
+    op = hesse.HessianOperator(bigger, nn.CrossEntropyLoss(), (x.repeat(1, 2)[:, :10], y))
+    true = torch.linalg.eigvalsh(op.to_dense())  # N = 339 > 256: Lanczos on products
+    for which, expected in (("LA", true.flip(0)[:2]), ("SA", true[:2])):
+        result = hesse.eigsh(op, k=2, which=which, seed=1)
+        assert_close(result.eigenvalues, expected, rtol=1e-7)
+        assert result.converged.all()
+    assert_close(hesse.sharpness(op, seed=2), true.abs().max(), rtol=1e-7)
+
+
+def test_eigsh_bad_arguments() -> None:
+    a = _matrix(_spectrum(300))
+    with pytest.raises(ValueError, match="which: expected one of"):
+        hesse.eigsh(a, which="BE")
+    with pytest.raises(ValueError, match="k: must be smaller than N = 300"):
+        hesse.eigsh(a, k=300)
+    with pytest.raises(ValueError, match=r"A: expected a square \(N, N\) tensor"):
+        hesse.eigsh(torch.ones(3, 4))
+    with pytest.raises(TypeError, match="A: expected a symmetric"):
+        hesse.eigsh([[1.0]])
+
+
+def test_sharpness_of_dense_batches() -> None:
+    a = torch.stack([_matrix(_spectrum(50), seed=s) for s in range(3)])
+    assert_close(hesse.sharpness(a), torch.full((3,), 12.0, dtype=F64), rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_unbiased_with_honest_stderr(method: str) -> None:
+    ev = torch.cat([torch.linspace(50, 5, 10, dtype=F64), torch.rand(190, dtype=F64)])
+    a = _matrix(ev)
+    true = ev.sum()
+    z_scores = []
+    for seed in range(30):
+        r = hesse.trace(a, num_matvecs=30, method=method, seed=seed)
+        assert r.num_matvecs == 30
+        z_scores.append(float((r.estimate - true) / r.stderr))
+    z = torch.tensor(z_scores)
+    assert (z.abs() < 4).all()  # each estimate within 4 standard errors
+    assert abs(float(z.mean())) < 4 / 30**0.5 * 2  # no bias beyond sampling noise
+
+
+def test_hutchpp_beats_hutchinson_on_low_rank_plus_noise() -> None:
+    ev = torch.cat([torch.linspace(100, 10, 15, dtype=F64), 0.01 * torch.rand(285, dtype=F64)])
+    a = _matrix(ev)
+    err = {
+        m: torch.tensor(
+            [float(hesse.trace(a, 45, m, seed=s).estimate - ev.sum()) for s in range(20)]
+        )
+        .abs()
+        .mean()
+        for m in ("hutchinson", "hutch++")
+    }
+    assert err["hutch++"] < 0.1 * err["hutchinson"]
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "diag++"])
+def test_diagonal_estimators_are_unbiased(method: str) -> None:
+    ev = torch.cat([torch.linspace(20, 5, 5, dtype=F64), torch.rand(95, dtype=F64)])
+    a = _matrix(ev)
+    estimates = torch.stack([hesse.diagonal(a, 30, method, seed=s) for s in range(40)])
+    mean, stderr = estimates.mean(0), estimates.std(0) / 40**0.5
+    assert ((mean - a.diagonal()).abs() <= 4 * stderr + 1e-12).float().mean() > 0.98
+    exact = hesse.diagonal(a, method="exact")
+    assert_close(exact, a.diagonal())
+
+
+def test_diagonal_exact_delegates_to_the_operator() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    op = hesse.GGNOperator(
+        model, nn.MSELoss(), (torch.randn(8, 3, dtype=F64), torch.zeros(8, 2, dtype=F64))
+    )
+    assert_close(hesse.diagonal(op, method="exact"), op.diagonal())
+
+
+def test_spectral_density_mass_mean_and_plot(tmp_path: object) -> None:
+    ev = _spectrum(300)
+    a = _matrix(ev)
+    d = hesse.spectral_density(a, num_probes=20, lanczos_steps=80, seed=0)
+    assert_close(torch.trapezoid(d.density, d.grid), torch.tensor(1.0, dtype=F64))
+    assert_close(d.weights.sum(), torch.tensor(1.0, dtype=F64), rtol=1e-12)
+    # The quadrature's mean estimates tr(A)/N: compare within the probes' spread.
+    per_probe = (d.nodes * d.weights).sum(1) * d.nodes.shape[0]
+    stderr = per_probe.std() / per_probe.numel() ** 0.5
+    assert abs(float(per_probe.mean() - ev.mean())) < 4 * float(stderr)
+    # Extreme nodes find the extreme eigenvalues.
+    assert abs(float(d.nodes.max()) - 10.0) < 1e-6 and abs(float(d.nodes.min()) + 12.0) < 1e-6
+    pytest.importorskip("matplotlib")
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "density.png"
+    d.plot(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seed_and_generator_reproducible() -> None:
+    a = _matrix(_spectrum(300))
+    r1 = hesse.trace(a, 12, seed=3)
+    r2 = hesse.trace(a, 12, seed=torch.Generator().manual_seed(3))
+    assert torch.equal(r1.estimate, r2.estimate)
+    with pytest.raises(TypeError, match="seed: expected an int"):
+        hesse.trace(a, 12, seed="3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="method: expected 'hutchinson' or 'hutch\\+\\+'"):
+        hesse.trace(a, 12, method="exact")
+
+
+def test_loss_sharpness_beyond_the_dense_limit_uses_lanczos_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 3)).to(F64)  # N = 339
+    x, y = torch.randn(30, 10, dtype=F64), torch.randint(0, 3, (30,))
+    h = hesse.loss_hessian_matrix(model, nn.CrossEntropyLoss(), x, y)
+    expected = torch.linalg.eigvalsh(h).abs().max()
+    assert_close(hesse.loss_sharpness(model, nn.CrossEntropyLoss(), x, y), expected, rtol=1e-9)
