@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import hesse
 
@@ -33,7 +37,7 @@ def _fmt(t: Tensor, digits: int = 4) -> str:
     return "[" + ", ".join(f"{v:.{digits}g}" for v in t.reshape(-1).tolist()) + "]"
 
 
-def _seed_example() -> None:
+def _seed_example(report: dict[str, Any]) -> None:
     print("== The seed README's example: MimoModel(2), inputs (x, y) of shape (2, 2)")
     torch.manual_seed(0)
     model = MimoModel(2)
@@ -49,14 +53,21 @@ def _seed_example() -> None:
     lh = hesse.loss_hessian_matrix(model=model, criterion=criterion, inputs=(x, y), target=target)
     print(f"loss_hessian_matrix                  -> {tuple(lh.shape)}")
     print(f"  diagonal                           {_fmt(lh.diagonal())}")
-    print(f"model_sharpness                      -> {_fmt(hesse.model_sharpness(model, (x, y)))}")
-    print(
-        "loss_sharpness                       -> "
-        f"{hesse.loss_sharpness(model, criterion, (x, y), target).item():.6g}"
-    )
+    model_sharpness = hesse.model_sharpness(model, (x, y))
+    print(f"model_sharpness (batch, outputs)     -> {_fmt(model_sharpness)}")
+    loss_sharpness = hesse.loss_sharpness(model, criterion, (x, y), target).item()
+    print(f"loss_sharpness                       -> {loss_sharpness:.6g}")
+    report["seed_example"] = {
+        "model_hessian_shape": list(h.shape),
+        "model_hessian_shape_params_A": list(h_a.shape),
+        "loss_hessian_shape": list(lh.shape),
+        "loss_hessian_diagonal": lh.diagonal().tolist(),
+        "model_sharpness": model_sharpness.tolist(),
+        "loss_sharpness": loss_sharpness,
+    }
 
 
-def _network_example() -> None:
+def _network_example(out: Path, report: dict[str, Any]) -> list[Path]:
     print("\n== A small MLP (8-16-16-3, Tanh) trained briefly on generated 3-class data")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=g)
@@ -73,28 +84,94 @@ def _network_example() -> None:
         opt.step()
     opt.zero_grad(set_to_none=True)
     loss = criterion(model(x), target).item()
+
     start = time.perf_counter()
     h = hesse.loss_hessian_matrix(model, criterion, x, target)
     elapsed = time.perf_counter() - start
-    eigenvalues = torch.linalg.eigvalsh(h.double())
     print(f"parameters N = {h.shape[0]}, training loss {loss:.4f}")
     print(f"loss_hessian_matrix                  -> {tuple(h.shape)} in {elapsed * 1e3:.0f} ms")
-    print(f"top-5 eigenvalues                    {_fmt(eigenvalues[-5:].flip(0))}")
-    print(f"bottom-3 eigenvalues                 {_fmt(eigenvalues[:3])}")
-    print(f"sharpness (largest |eigenvalue|)     {eigenvalues.abs().max().item():.6g}")
-    diag = hesse.loss_hessian_diagonal(model, criterion, x, target)
-    print(f"trace (sum of the exact diagonal)    {diag.sum().item():.6g}")
-    blocks = hesse.loss_hessian_dict(model, criterion, x, target, diagonal_only=True)
-    for name, block in blocks.items():
-        n = hesse.ParamLayout.from_module(model, [name]).numel
-        sharp = torch.linalg.eigvalsh(block[name].reshape(n, n).double()).abs().max()
-        print(f"  block {name:<10} sharpness {sharp.item():.4g}")
+
+    # The same curvature matrix-free, over a DataLoader of 4 batches.
+    loader = DataLoader(TensorDataset(x, target), batch_size=64)
+    op = hesse.HessianOperator(model, criterion, loader)
+    top = hesse.eigsh(op, k=5, which="LA", seed=0)
+    dense_eigenvalues = torch.linalg.eigvalsh(h.double())
+    sharp = hesse.sharpness(op, seed=0).item()
+    tr = hesse.trace(op, num_matvecs=90, method="hutch++", seed=0)
+    exact_trace = hesse.loss_hessian_diagonal(model, criterion, x, target).sum().item()
+    print(f"HessianOperator over a DataLoader    -> {op}")
+    print(
+        f"top-5 eigenvalues (Lanczos)          {_fmt(top.eigenvalues)}  "
+        f"({top.num_matvecs} products, max residual {top.residuals.max().item():.1e})"
+    )
+    print(f"top-5 eigenvalues (dense eigvalsh)   {_fmt(dense_eigenvalues[-5:].flip(0))}")
+    print(f"bottom-3 eigenvalues (dense)         {_fmt(dense_eigenvalues[:3])}")
+    print(f"sharpness (largest |eigenvalue|)     {sharp:.6g}")
+    print(
+        f"trace (Hutch++, 90 products)         {tr.estimate.item():.6g} ± "
+        f"{tr.stderr.item():.2g}   (exact: {exact_trace:.6g})"
+    )
+    density = hesse.spectral_density(op, num_probes=8, lanczos_steps=40, seed=0)
+    report["network"] = {
+        "parameters": h.shape[0],
+        "training_loss": loss,
+        "dense_hessian_ms": elapsed * 1e3,
+        "top_eigenvalues": top.eigenvalues.tolist(),
+        "top_residuals": top.residuals.tolist(),
+        "top_num_matvecs": top.num_matvecs,
+        "dense_top_eigenvalues": dense_eigenvalues[-5:].flip(0).tolist(),
+        "dense_bottom_eigenvalues": dense_eigenvalues[:3].tolist(),
+        "sharpness": sharp,
+        "trace_estimate": tr.estimate.item(),
+        "trace_stderr": tr.stderr.item(),
+        "trace_num_matvecs": tr.num_matvecs,
+        "trace_exact": exact_trace,
+        "density_nodes_min": density.nodes.min().item(),
+        "density_nodes_max": density.nodes.max().item(),
+    }
+    return _plots(out, density, h, hesse.ParamLayout.from_module(model))
 
 
-def _demo(_: argparse.Namespace) -> int:
+def _plots(out: Path, density: Any, h: Tensor, layout: hesse.ParamLayout) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: pip install 'hesse[plot]' for the PNG figures)")
+        return []
+    density_path = out / "spectral_density.png"
+    density.plot(density_path)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    limit = h.abs().max().item()
+    # Symmetric log colours: a few large entries would otherwise wash out the structure.
+    norm = matplotlib.colors.SymLogNorm(linthresh=limit * 1e-3, vmin=-limit, vmax=limit)
+    image = ax.imshow(h.numpy(), cmap="RdBu_r", norm=norm)
+    for offset in layout.offsets[1:]:
+        ax.axhline(offset - 0.5, color="k", lw=0.5)
+        ax.axvline(offset - 0.5, color="k", lw=0.5)
+    centres = [o + n / 2 for o, n in zip(layout.offsets, layout.numels)]
+    ax.set_xticks(centres, layout.names, rotation=90, fontsize=7)
+    ax.set_yticks(centres, layout.names, fontsize=7)
+    ax.set_title("Loss Hessian, blocks per parameter")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    heatmap_path = out / "hessian_heatmap.png"
+    fig.savefig(heatmap_path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [density_path, heatmap_path]
+
+
+def _demo(args: argparse.Namespace) -> int:
     torch.set_printoptions(precision=4)
-    _seed_example()
-    _network_example()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"hesse": hesse.__version__, "torch": torch.__version__}
+    _seed_example(report)
+    written = _network_example(out, report)
+    report_path = out / "report.json"
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print("\nwrote " + ", ".join(str(p) for p in [report_path, *written]))
     return 0
 
 
@@ -110,8 +187,12 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="run the built-in example (offline, a few seconds)",
         description="The seed README's example, then a small network's loss Hessian: shapes, "
-        "eigenvalues, sharpness and trace.",
-        epilog="Example: hesse demo",
+        "eigenvalues (dense and Lanczos), sharpness, trace with its standard error and a "
+        "spectral density; writes OUT/report.json and PNG figures.",
+        epilog="Example: hesse demo --out /tmp/hesse-demo",
+    )
+    demo.add_argument(
+        "--out", default="hesse-demo", help="folder for report.json and PNGs (default: %(default)s)"
     )
     demo.set_defaults(run=_demo)
     return parser
