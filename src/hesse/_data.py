@@ -57,7 +57,7 @@ def _batch(item: Any, index: int) -> Batch:
 class Dataset:
     """A re-iterable of validated batches that remembers its total number of samples."""
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: Any, *, allow_empty: bool = False) -> None:
         if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
             self._source: Iterable[Any] = [data]
         elif isinstance(data, Iterable) and not isinstance(data, (Tensor, str, dict)):
@@ -80,7 +80,7 @@ class Dataset:
                 first = batch.signature()
             count += batch.size
             batches += 1
-        if first is None or count == 0:
+        if (first is None or count == 0) and not allow_empty:
             raise ValueError("data: no samples; pass at least one non-empty batch.")
         self.num_samples = count
         self.num_batches = batches
@@ -100,5 +100,5 @@ class Dataset:
             yield batch
 
 
-def as_dataset(data: Any) -> Dataset:
-    return data if isinstance(data, Dataset) else Dataset(data)
+def as_dataset(data: Any, *, allow_empty: bool = False) -> Dataset:
+    return data if isinstance(data, Dataset) else Dataset(data, allow_empty=allow_empty)

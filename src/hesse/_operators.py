@@ -25,6 +25,7 @@ from torch.func import grad, vjp, vmap
 
 from hesse._compat import elementary_norms, math_attention
 from hesse._data import Batch, Dataset, as_dataset
+from hesse._distributed import resolve_shard
 from hesse._functional import loss_function, sample_loss_function
 from hesse._layout import ParamLayout
 from hesse._memory import TARGET_COLUMNS, plan_chunk
@@ -48,6 +49,7 @@ __all__ = [
 
 Params = str | Sequence[str] | None
 _REDUCTIONS = ("mean", "sum")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -94,6 +96,11 @@ class CurvatureOperator:
         check_deterministic: Read the data twice at construction and refuse data or models
             that change between passes (a shuffling ``DataLoader``, random augmentation, a
             model with randomness in eval mode): the operator would not be one matrix.
+        process_group: With ``torch.distributed`` initialised, the group whose ranks each
+            hold a shard of the data (default: the global group). Products are summed over
+            the ranks with one all-reduce; every rank gets the same result.
+        distributed: ``None`` (default): data-parallel exactly when ``torch.distributed`` is
+            initialised. ``False``: this process's data only, even under ``torchrun``.
 
     Attributes:
         shape: ``(N, N)``.
@@ -111,21 +118,49 @@ class CurvatureOperator:
         reduction: str | None = None,
         progress: bool = False,
         check_deterministic: bool = False,
+        process_group: Any = None,
+        distributed: bool | None = None,
     ) -> None:
         self.model = check_model(model)
         self.criterion = check_criterion(criterion)
         self.reduction = _reduction(criterion, reduction)
         self.layout = ParamLayout.from_module(model, params)
-        self.data: Dataset = as_dataset(data)
+        self.shard = resolve_shard(process_group, distributed, self.layout.device)
+        self.data: Dataset = as_dataset(data, allow_empty=self.shard.distributed)
         self.progress = progress
         self._fallbacks = Fallbacks()
         self._parameters = dict(model.named_parameters(remove_duplicate=False))
         self._graph: tuple[Any, list[Tensor], Sequence[Tensor | None]] | None = None
+        self._num_samples = self._agree_across_ranks()
         first = next(iter(self.data))
         with evaluation_mode(model), torch.no_grad():
             check_scalar_loss(criterion(model(*first.inputs), first.target))
         if check_deterministic:
             self._check_deterministic()
+
+    def _agree_across_ranks(self) -> int:
+        """The global sample count; every rank fails alike on an empty or mismatched shard."""
+        dtype_code = list(_DTYPES).index(self.dtype) if self.dtype in _DTYPES else -1
+        mine = [self.data.num_samples, self.layout.numel, dtype_code]
+        ranks = self.shard.gather(mine)
+        empty = [r for r, (count, _, _) in enumerate(ranks) if count == 0]
+        if empty:
+            raise ValueError(
+                f"data: rank(s) {empty} of {len(ranks)} hold no samples; give every rank a "
+                "non-empty shard (e.g. a DistributedSampler over a dataset with at least one "
+                "sample per rank)."
+            )
+        layouts = {(n, d) for _, n, d in ranks}
+        if len(layouts) > 1:
+            found = ", ".join(
+                f"rank {r}: N = {n}, {_DTYPES[d] if d >= 0 else 'other dtype'}"
+                for r, (_, n, d) in enumerate(ranks)
+            )
+            raise ValueError(
+                f"model: the ranks disagree on the selected parameters ({found}); every rank "
+                "must build the same model with the same params= and dtype."
+            )
+        return sum(count for count, _, _ in ranks)
 
     # -- what it is ---------------------------------------------------------------------------
 
@@ -147,7 +182,8 @@ class CurvatureOperator:
 
     @property
     def num_samples(self) -> int:
-        return self.data.num_samples
+        """Samples in the dataset: over all ranks when distributed."""
+        return self._num_samples
 
     def __repr__(self) -> str:
         return (
@@ -177,7 +213,7 @@ class CurvatureOperator:
                 out[:, start : start + TARGET_COLUMNS] += (
                     weight * self._batch_matmat(batch, theta, chunk).T
                 )
-        return out
+        return self.shard.all_reduce(out)
 
     def to_dense(self) -> Tensor:
         """The ``(N, N)`` matrix, built from products with identity columns."""
@@ -187,7 +223,7 @@ class CurvatureOperator:
         out = theta.new_zeros(n, n)
         for batch, weight in self._weighted_batches():
             out += weight * self._batch_dense(batch, theta)
-        return out
+        return self.shard.all_reduce(out)
 
     def diagonal(self) -> Tensor:
         """The exact diagonal ``(N,)``."""
@@ -195,7 +231,7 @@ class CurvatureOperator:
         out = theta.new_zeros(self.layout.numel)
         for batch, weight in self._weighted_batches():
             out += weight * self._batch_diagonal(batch, theta)
-        return out
+        return self.shard.all_reduce(out)
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` on NumPy arrays of this operator's dtype.
@@ -253,7 +289,7 @@ class CurvatureOperator:
             batches = tqdm(batches, total=self.data.num_batches, desc=type(self).__name__)
         with evaluation_mode(self.model), torch.no_grad():
             for batch in batches:
-                weight = batch.size / self.data.num_samples if self.reduction == "mean" else 1.0
+                weight = batch.size / self._num_samples if self.reduction == "mean" else 1.0
                 # Loading the batch stays outside: a mode would intercept every indexing op.
                 with math_attention():
                     yield batch, weight
@@ -363,7 +399,7 @@ class HessianOperator(CurvatureOperator):
         out = torch.zeros_like(matrix[:, 0])  # one column: no parameter vector needed
         for batch, weight in self._weighted_batches():
             out.add_(self._single_product(batch, matrix[:, 0]), alpha=weight)
-        return out[:, None]
+        return self.shard.all_reduce(out)[:, None]
 
     def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
         if tangents.shape[0] == 1:

@@ -43,6 +43,7 @@ class _Linear:
     device: torch.device
     matmat: Callable[[Tensor], Tensor]  # (N, K) -> (N, K)
     dense: Callable[[], Tensor]
+    shard: Any = None  # a distributed operator's Shard: random draws must agree across ranks
 
 
 def _linear(a: Any) -> _Linear:
@@ -68,16 +69,22 @@ def _linear(a: Any) -> _Linear:
             return to_dense()
         return a @ torch.eye(shape[0], dtype=a.dtype, device=a.device)
 
-    return _Linear(int(shape[0]), a.dtype, a.device, lambda v: a @ v, dense)
+    return _Linear(
+        int(shape[0]), a.dtype, a.device, lambda v: a @ v, dense, getattr(a, "shard", None)
+    )
 
 
-def _generator(seed: Seed, device: torch.device) -> torch.Generator:
+def _generator(seed: Seed, lin: _Linear) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         return seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed: expected an int, a torch.Generator or None, got {seed!r}.")
-    g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+    if seed is None:
+        # Under torch.distributed every rank must draw the same probes: rank 0's seed.
+        distributed = lin.shard is not None and lin.shard.distributed
+        seed = lin.shard.common_seed() if distributed else torch.seed() % 2**63
+    g = torch.Generator(device=lin.device)
+    g.manual_seed(seed)
     return g
 
 
@@ -196,7 +203,7 @@ def eigsh(
     m = min(n, max_basis or max(2 * k + 20, 40))
     if m <= k:
         raise ValueError(f"max_basis: must exceed k = {k}, got {m}.")
-    g = _generator(seed, lin.device)
+    g = _generator(seed, lin)
     q = torch.randn(n, 1, generator=g, dtype=lin.dtype, device=lin.device)
     basis = torch.empty(n, m, dtype=lin.dtype, device=lin.device)
     images = torch.empty_like(basis)  # A @ basis, kept to form the exact projection
@@ -297,7 +304,7 @@ def trace(
     lin = _linear(A)
     if method not in ("hutchinson", "hutch++"):
         raise ValueError(f"method: expected 'hutchinson' or 'hutch++', got {method!r}.")
-    g = _generator(seed, lin.device)
+    g = _generator(seed, lin)
     if method == "hutchinson":
         m = _positive_int("num_matvecs", num_matvecs, 2)
         z = _rademacher(lin.n, m, lin, g)
@@ -331,7 +338,7 @@ def diagonal(A: Any, num_matvecs: int = 30, method: str = "diag++", *, seed: See
         return A.diagonal()
     if method not in ("hutchinson", "diag++"):
         raise ValueError(f"method: expected 'hutchinson', 'diag++' or 'exact', got {method!r}.")
-    g = _generator(seed, lin.device)
+    g = _generator(seed, lin)
     if method == "hutchinson":
         m = _positive_int("num_matvecs", num_matvecs)
         z = _rademacher(lin.n, m, lin, g)
@@ -452,7 +459,7 @@ def spectral_density(
     lin = _linear(A)
     probes = _positive_int("num_probes", num_probes)
     steps = min(_positive_int("lanczos_steps", lanczos_steps), lin.n)
-    g = _generator(seed, lin.device)
+    g = _generator(seed, lin)
     v = torch.randn(lin.n, probes, generator=g, dtype=lin.dtype, device=lin.device)
     alpha, beta = _lanczos_probes(lin, v, steps)
     tridiagonal = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
