@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import _dist_worker as worker
@@ -71,3 +72,31 @@ def test_without_a_process_group() -> None:
         hesse.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), distributed=True)
     with pytest.raises(ValueError, match="process_group: given, but torch.distributed"):
         hesse.HessianOperator(model, nn.CrossEntropyLoss(), (x, y), process_group=object())
+
+
+def test_torchrun_example(tmp_path: Path) -> None:
+    """The README's command, on 2 CPU processes (gloo, loopback rendezvous)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    png = tmp_path / "spectrum.png"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(root / "examples" / "distributed_spectrum.py"),
+        "--samples",
+        "512",
+        "--out",
+        str(png),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 ranks, 512 samples, N = 2762" in proc.stdout
+    assert proc.stdout.count("top-3 eigenvalues") == 1  # only rank 0 prints
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -127,10 +127,9 @@ def _order(values: Tensor, which: str) -> Tensor:
 
 
 def _ritz(
-    basis: Tensor, images: Tensor, k: int, which: str, tol: float
+    projection: Tensor, basis: Tensor, images: Tensor, k: int, which: str, tol: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Ritz pairs of the exact projection, ordered by ``which``, with exact residuals."""
-    projection = basis.T @ images
+    """Ritz pairs of the projection ``QᵀAQ``, ordered by ``which``, with exact residuals."""
     theta, s = torch.linalg.eigh((projection + projection.T) / 2)
     idx = _order(theta, which)
     theta, s = theta[idx], s[:, idx]
@@ -207,6 +206,7 @@ def eigsh(
     q = torch.randn(n, 1, generator=g, dtype=lin.dtype, device=lin.device)
     basis = torch.empty(n, m, dtype=lin.dtype, device=lin.device)
     images = torch.empty_like(basis)  # A @ basis, kept to form the exact projection
+    projection = torch.zeros(m, m, dtype=lin.dtype, device=lin.device)  # grown a column a step
     size, matvecs = 0, 0
     values = vectors = residuals = torch.empty(0)
     converged = torch.zeros(k, dtype=torch.bool)
@@ -228,16 +228,19 @@ def eigsh(
             basis[:, size : size + 1] = q
             images[:, size : size + 1] = lin.matmat(q)
             matvecs += 1
+            column = basis[:, : size + 1].T @ images[:, size]
+            projection[: size + 1, size] = column
+            projection[size, : size + 1] = column
             q = images[:, size : size + 1].clone()
             size += 1
             if size >= min_size and size < m:
                 theta, s, residual_vectors, residuals, converged = _ritz(
-                    basis[:, :size], images[:, :size], k, which, tol
+                    projection[:size, :size], basis[:, :size], images[:, :size], k, which, tol
                 )
                 if bool(converged.all()):
                     break
         theta, s, residual_vectors, residuals, converged = _ritz(
-            basis[:, :size], images[:, :size], k, which, tol
+            projection[:size, :size], basis[:, :size], images[:, :size], k, which, tol
         )
         values, vectors = theta[:k], basis[:, :size] @ s[:, :k]
         if bool(converged.all()):
@@ -247,6 +250,8 @@ def eigsh(
         keep = min(m - 1, k + max(2, (m - k) // 3))
         basis[:, :keep] = basis @ s[:, :keep]
         images[:, :keep] = images @ s[:, :keep]
+        projection.zero_()
+        projection[:keep, :keep] = torch.diag(theta[:keep])  # Ritz vectors diagonalise it
         size = keep
         first = int((~converged).nonzero()[0])
         q = residual_vectors[:, first : first + 1]
