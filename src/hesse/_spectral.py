@@ -127,16 +127,16 @@ def _order(values: Tensor, which: str) -> Tensor:
 
 
 def _ritz(
-    projection: Tensor, basis: Tensor, images: Tensor, k: int, which: str, tol: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Ritz pairs of the projection ``QᵀAQ``, ordered by ``which``, with exact residuals."""
+    projection: Tensor, r: Tensor, k: int, which: str, tol: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ritz values and vectors (in the basis) of ``projection``, ordered by ``which``, with
+    residual norms ``‖r‖·|s_last|`` and convergence flags."""
     theta, s = torch.linalg.eigh((projection + projection.T) / 2)
     idx = _order(theta, which)
     theta, s = theta[idx], s[:, idx]
-    residual_vectors = images @ s[:, :k] - (basis @ s[:, :k]) * theta[:k]
-    residuals = torch.linalg.vector_norm(residual_vectors, dim=0)
+    residuals = torch.linalg.vector_norm(r) * s[-1, :k].abs()
     scale = theta.abs().max().clamp_min(torch.finfo(theta.dtype).tiny)
-    return theta, s, residual_vectors, residuals, residuals <= tol * scale
+    return theta, s, residuals, residuals <= tol * scale
 
 
 def eigsh(
@@ -203,59 +203,61 @@ def eigsh(
     if m <= k:
         raise ValueError(f"max_basis: must exceed k = {k}, got {m}.")
     g = _generator(seed, lin)
-    q = torch.randn(n, 1, generator=g, dtype=lin.dtype, device=lin.device)
     basis = torch.empty(n, m, dtype=lin.dtype, device=lin.device)
-    images = torch.empty_like(basis)  # A @ basis, kept to form the exact projection
-    projection = torch.zeros(m, m, dtype=lin.dtype, device=lin.device)  # grown a column a step
+    # P = QᵀAQ, grown one column per product from the reorthogonalisation coefficients: a
+    # Krylov-Schur decomposition A Q = Q P + r e_lastᵀ, tridiagonal plus, after a restart,
+    # an arrowhead. The residual of a Ritz pair (θ, Qs) is then ‖r‖·|s_last|, for free.
+    projection = torch.zeros(m, m, dtype=lin.dtype, device=lin.device)
+    r = torch.randn(n, generator=g, dtype=lin.dtype, device=lin.device)
     size, matvecs = 0, 0
-    values = vectors = residuals = torch.empty(0)
-    converged = torch.zeros(k, dtype=torch.bool)
     # Convergence is checked after every product once the basis has a few more vectors than
-    # wanted (fewer would risk settling on an interior pair): the projection is tiny next to
-    # one product, and the residuals are exact, so the solver stops at the first sufficient step.
+    # wanted (fewer would risk settling on an interior pair).
     min_size = min(m, 2 * k + 10)
-    for _ in range(max_iter + 1):
+    theta = s_ = torch.empty(0)
+    estimates = converged = torch.zeros(k, dtype=torch.bool)
+    for restart in range(max_iter + 1):
         while size < m:
-            # Full reorthogonalisation, twice ("twice is enough"), against the whole basis.
-            for _ in range(2):
-                q = q - basis[:, :size] @ (basis[:, :size].T @ q)
-            norm = torch.linalg.vector_norm(q)
-            if norm <= 1e-12 * max(1.0, float(images[:, :size].abs().max()) if size else 1.0):
-                # Invariant subspace found: continue from a fresh random direction.
-                q = torch.randn(n, 1, generator=g, dtype=lin.dtype, device=lin.device)
-                continue
-            q = q / norm
-            basis[:, size : size + 1] = q
-            images[:, size : size + 1] = lin.matmat(q)
+            norm = torch.linalg.vector_norm(r)
+            q = r / norm
+            if size > 0 and not norm > 1e-10 * float(projection[:size, :size].abs().max()):
+                # An invariant subspace: continue from a fresh direction orthogonal to it.
+                q = torch.randn(n, generator=g, dtype=lin.dtype, device=lin.device)
+                for _ in range(2):
+                    q = q - basis[:, :size] @ (basis[:, :size].T @ q)
+                q = q / torch.linalg.vector_norm(q)
+            basis[:, size] = q
+            w = lin.matmat(q[:, None])[:, 0]
             matvecs += 1
-            column = basis[:, : size + 1].T @ images[:, size]
-            projection[: size + 1, size] = column
-            projection[size, : size + 1] = column
-            q = images[:, size : size + 1].clone()
+            # Full reorthogonalisation; a second pass only when the first removed most of w
+            # (Kahan-Parlett "twice is enough").
+            before = torch.linalg.vector_norm(w)
+            coefficients = basis[:, : size + 1].T @ w
+            w = w - basis[:, : size + 1] @ coefficients
+            if torch.linalg.vector_norm(w) < 0.7 * before:
+                correction = basis[:, : size + 1].T @ w
+                w = w - basis[:, : size + 1] @ correction
+                coefficients = coefficients + correction
+            projection[: size + 1, size] = coefficients
+            projection[size, : size + 1] = coefficients
+            r = w
             size += 1
             if size >= min_size and size < m:
-                theta, s, residual_vectors, residuals, converged = _ritz(
-                    projection[:size, :size], basis[:, :size], images[:, :size], k, which, tol
-                )
+                theta, s_, estimates, converged = _ritz(projection[:size, :size], r, k, which, tol)
                 if bool(converged.all()):
                     break
-        theta, s, residual_vectors, residuals, converged = _ritz(
-            projection[:size, :size], basis[:, :size], images[:, :size], k, which, tol
-        )
-        values, vectors = theta[:k], basis[:, :size] @ s[:, :k]
-        if bool(converged.all()):
+        theta, s_, estimates, converged = _ritz(projection[:size, :size], r, k, which, tol)
+        if bool(converged.all()) or restart == max_iter:
             break
-        # Thick restart: keep the wanted Ritz vectors (and a few more), continue from the
-        # residual of the first unconverged pair.
+        # Thick restart: keep the wanted Ritz vectors (and a few more); r continues the basis.
         keep = min(m - 1, k + max(2, (m - k) // 3))
-        basis[:, :keep] = basis @ s[:, :keep]
-        images[:, :keep] = images @ s[:, :keep]
+        # The next column's reorthogonalisation coefficients rebuild the arrowhead couplings
+        # ‖r‖·s_last,i by themselves, since Ritz vectors are orthogonal to r.
+        basis[:, :keep] = basis[:, :size] @ s_[:, :keep]
         projection.zero_()
-        projection[:keep, :keep] = torch.diag(theta[:keep])  # Ritz vectors diagonalise it
+        projection[:keep, :keep] = torch.diag(theta[:keep])
         size = keep
-        first = int((~converged).nonzero()[0])
-        q = residual_vectors[:, first : first + 1]
-    return EigenResult(values, vectors, residuals, converged, matvecs)
+    vectors = basis[:, :size] @ s_[:, :k]
+    return EigenResult(theta[:k], vectors, estimates, converged, matvecs)
 
 
 def sharpness(A: Any, *, tol: float | None = None, seed: Seed = None) -> Tensor:
