@@ -15,7 +15,6 @@ The reduction is read from ``criterion.reduction`` when present, else ``"mean"``
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
@@ -32,12 +31,12 @@ from hesse._memory import TARGET_COLUMNS, plan_chunk
 from hesse._state import evaluation_mode
 from hesse._transforms import (
     Fallbacks,
-    PerformanceWarning,
     dense_from_columns,
     diagonal_from_columns,
     hessian_columns,
+    warn_fallback,
 )
-from hesse._validate import check_criterion, check_model, check_scalar_loss, first_line
+from hesse._validate import check_criterion, check_model, check_scalar_loss
 
 __all__ = [
     "CurvatureOperator",
@@ -566,12 +565,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         except (RuntimeError, NotImplementedError) as err:
             if not getattr(self, "_warned", False):
                 self._warned = True
-                warnings.warn(
-                    f"hesse: torch.func.vmap could not batch this model ({first_line(err)}); "
-                    "fell back to a correct but slower path: a loop over samples.",
-                    PerformanceWarning,
-                    stacklevel=4,
-                )
+                warn_fallback(err, "a loop over samples", stacklevel=5)
             return torch.stack(
                 [grad(g)(theta, t, *xs) for t, *xs in zip(batch.target, *batch.inputs)]
             )

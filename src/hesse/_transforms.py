@@ -46,6 +46,7 @@ __all__ = [
     "sample_hessian_columns",
     "sample_hvp_columns",
     "sample_loop_columns",
+    "warn_fallback",
 ]
 
 ColumnFn = Callable[[Tensor], Tensor]
@@ -146,6 +147,16 @@ def sample_loop_columns(
     return columns
 
 
+def warn_fallback(error: BaseException, path: str, stacklevel: int = 3) -> None:
+    """The one warning a call emits when vmap fails and a slower, correct path takes over."""
+    warnings.warn(
+        f"hesse: torch.func.vmap could not batch this model ({first_line(error)}); fell back "
+        f"to a correct but slower path: {path}.",
+        PerformanceWarning,
+        stacklevel=stacklevel,
+    )
+
+
 class Strategy(NamedTuple):
     """One way to compute columns; ``slow`` ones (loops) warn when a call falls back to them."""
 
@@ -185,13 +196,7 @@ class Fallbacks:
                     continue
                 if strategy.slow and first_error is not None and not self._warned:
                     self._warned = True
-                    warnings.warn(
-                        f"hesse: torch.func.vmap could not batch this model "
-                        f"({first_line(first_error)}); fell back to a correct but slower path: "
-                        f"{strategy.description}.",
-                        PerformanceWarning,
-                        stacklevel=2,
-                    )
+                    warn_fallback(first_error, strategy.description)
                 self._start = i
                 chosen.append(strategy.columns)
                 return result
