@@ -1,207 +1,165 @@
-"""The ``hesse`` command line: ``hesse demo`` runs the built-in example offline, in seconds."""
+"""The ``hesse`` command line.
+
+``hesse demo`` runs the built-in example offline, in seconds; ``hesse analyze FILE.py:FUNC``
+analyses the curvature of the model, loss and data that ``FUNC()`` returns. Mistakes a user can
+fix are reported in one line with a non-zero exit status, never as a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import hesse
+from hesse import _analyze, _demo
 
 __all__ = ["main"]
 
+ANALYZE_EXAMPLES = """\
+FUNC() takes no arguments and returns (model, criterion, data): data is one (inputs, target)
+pair or a re-iterable of them such as a DataLoader. With no analysis named, the top-5
+eigenvalues, the trace and the spectral density are computed.
 
-class MimoModel(nn.Module):
-    """The seed README's multi-input, multi-output model: ``[tr(AᵀA) x, tr(BᵀB) y]``."""
+examples:
+  hesse analyze examples/analyze_mlp.py:setup
+  hesse analyze examples/analyze_mlp.py:setup --top-k 10 --bottom-k 3 --out runs/mlp
+  hesse analyze examples/analyze_mlp.py:setup --curvature ggn --params '0.*' --trace
+  torchrun --nproc-per-node 2 -m hesse analyze examples/analyze_mlp.py:setup
 
-    def __init__(self, m: int) -> None:
-        super().__init__()
-        self.A = nn.Parameter(torch.randn(m, m))
-        self.B = nn.Parameter(torch.randn(m, m))
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        row_1 = torch.trace(self.A.T @ self.A) * x
-        row_2 = torch.trace(self.B.T @ self.B) * y
-        return torch.hstack((row_1, row_2))
-
-
-def _fmt(t: Tensor, digits: int = 4) -> str:
-    return "[" + ", ".join(f"{v:.{digits}g}" for v in t.reshape(-1).tolist()) + "]"
+Under torchrun every rank calls FUNC (after the process group is up, so FUNC can give each
+rank its shard of the data); products are summed over the ranks and only rank 0 writes.
+"""
 
 
-def _seed_example(report: dict[str, Any]) -> None:
-    print("== The seed README's example: MimoModel(2), inputs (x, y) of shape (2, 2)")
-    torch.manual_seed(0)
-    model = MimoModel(2)
-    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    y = -1.0 * x
-    h = hesse.model_hessian_matrix(model=model, inputs=(x, y))
-    print(f"model_hessian_matrix                 -> {tuple(h.shape)}  (batch, outputs, N, N)")
-    h_a = hesse.model_hessian_matrix(model=model, inputs=(x, y), params=["A"])
-    print(f"model_hessian_matrix(params=['A'])   -> {tuple(h_a.shape)}")
-    print(f"  sample 0, output 0 w.r.t. A (= 2·x[0,0]·I): diagonal {_fmt(h_a[0, 0].diagonal())}")
-    criterion = nn.MSELoss()
-    target = torch.randn(2, 4)
-    lh = hesse.loss_hessian_matrix(model=model, criterion=criterion, inputs=(x, y), target=target)
-    print(f"loss_hessian_matrix                  -> {tuple(lh.shape)}")
-    print(f"  diagonal                           {_fmt(lh.diagonal())}")
-    model_sharpness = hesse.model_sharpness(model, (x, y))
-    print(f"model_sharpness (batch, outputs)     -> {_fmt(model_sharpness)}")
-    loss_sharpness = hesse.loss_sharpness(model, criterion, (x, y), target).item()
-    print(f"loss_sharpness                       -> {loss_sharpness:.6g}")
-    report["seed_example"] = {
-        "model_hessian_shape": list(h.shape),
-        "model_hessian_shape_params_A": list(h_a.shape),
-        "loss_hessian_shape": list(lh.shape),
-        "loss_hessian_diagonal": lh.diagonal().tolist(),
-        "model_sharpness": model_sharpness.tolist(),
-        "loss_sharpness": loss_sharpness,
-    }
-
-
-def _network_example(out: Path, report: dict[str, Any]) -> list[Path]:
-    print("\n== A small MLP (8-16-16-3, Tanh) trained briefly on generated 3-class data")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 8, generator=g)
-    target = (x[:, :3] + 0.3 * torch.randn(256, 3, generator=g)).argmax(1)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
-    )
-    criterion = nn.CrossEntropyLoss()
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(100):
-        opt.zero_grad()
-        criterion(model(x), target).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    loss = criterion(model(x), target).item()
-
-    start = time.perf_counter()
-    h = hesse.loss_hessian_matrix(model, criterion, x, target)
-    elapsed = time.perf_counter() - start
-    print(f"parameters N = {h.shape[0]}, training loss {loss:.4f}")
-    print(f"loss_hessian_matrix                  -> {tuple(h.shape)} in {elapsed * 1e3:.0f} ms")
-
-    # The same curvature matrix-free, over a DataLoader of 4 batches.
-    loader = DataLoader(TensorDataset(x, target), batch_size=64)
-    op = hesse.HessianOperator(model, criterion, loader)
-    top = hesse.eigsh(op, k=5, which="LA", seed=0)
-    dense_eigenvalues = torch.linalg.eigvalsh(h.double())
-    sharp = hesse.sharpness(op, seed=0).item()
-    tr = hesse.trace(op, num_matvecs=90, method="hutch++", seed=0)
-    exact_trace = hesse.loss_hessian_diagonal(model, criterion, x, target).sum().item()
-    print(f"HessianOperator over a DataLoader    -> {op}")
-    print(
-        f"top-5 eigenvalues (Lanczos)          {_fmt(top.eigenvalues)}  "
-        f"({top.num_matvecs} products, max residual {top.residuals.max().item():.1e})"
-    )
-    print(f"top-5 eigenvalues (dense eigvalsh)   {_fmt(dense_eigenvalues[-5:].flip(0))}")
-    print(f"bottom-3 eigenvalues (dense)         {_fmt(dense_eigenvalues[:3])}")
-    print(f"sharpness (largest |eigenvalue|)     {sharp:.6g}")
-    print(
-        f"trace (Hutch++, 90 products)         {tr.estimate.item():.6g} ± "
-        f"{tr.stderr.item():.2g}   (exact: {exact_trace:.6g})"
-    )
-    density = hesse.spectral_density(op, num_probes=8, lanczos_steps=40, seed=0)
-    report["network"] = {
-        "parameters": h.shape[0],
-        "training_loss": loss,
-        "dense_hessian_ms": elapsed * 1e3,
-        "top_eigenvalues": top.eigenvalues.tolist(),
-        "top_residuals": top.residuals.tolist(),
-        "top_num_matvecs": top.num_matvecs,
-        "dense_top_eigenvalues": dense_eigenvalues[-5:].flip(0).tolist(),
-        "dense_bottom_eigenvalues": dense_eigenvalues[:3].tolist(),
-        "sharpness": sharp,
-        "trace_estimate": tr.estimate.item(),
-        "trace_stderr": tr.stderr.item(),
-        "trace_num_matvecs": tr.num_matvecs,
-        "trace_exact": exact_trace,
-        "density_nodes_min": density.nodes.min().item(),
-        "density_nodes_max": density.nodes.max().item(),
-    }
-    return _plots(out, density, h, hesse.ParamLayout.from_module(model))
-
-
-def _plots(out: Path, density: Any, h: Tensor, layout: hesse.ParamLayout) -> list[Path]:
+def _positive(text: str) -> int:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: pip install 'hesse[plot]' for the PNG figures)")
-        return []
-    density_path = out / "spectral_density.png"
-    density.plot(density_path)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    limit = h.abs().max().item()
-    # Symmetric log colours: a few large entries would otherwise wash out the structure.
-    norm = matplotlib.colors.SymLogNorm(linthresh=limit * 1e-3, vmin=-limit, vmax=limit)
-    image = ax.imshow(h.numpy(), cmap="RdBu_r", norm=norm)
-    for offset in layout.offsets[1:]:
-        ax.axhline(offset - 0.5, color="k", lw=0.5)
-        ax.axvline(offset - 0.5, color="k", lw=0.5)
-    centres = [o + n / 2 for o, n in zip(layout.offsets, layout.numels)]
-    ax.set_xticks(centres, layout.names, rotation=90, fontsize=7)
-    ax.set_yticks(centres, layout.names, fontsize=7)
-    ax.set_title("Loss Hessian, blocks per parameter")
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    heatmap_path = out / "hessian_heatmap.png"
-    fig.savefig(heatmap_path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [density_path, heatmap_path]
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
-def _demo(args: argparse.Namespace) -> int:
-    torch.set_printoptions(precision=4)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"hesse": hesse.__version__, "torch": torch.__version__}
-    _seed_example(report)
-    written = _network_example(out, report)
-    report_path = out / "report.json"
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    print("\nwrote " + ", ".join(str(p) for p in [report_path, *written]))
-    return 0
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hesse",
         description="Second-order information about PyTorch models.",
-        epilog="Example: hesse demo",
+        epilog="examples:\n  hesse demo\n  hesse analyze examples/analyze_mlp.py:setup",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"hesse {hesse.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     demo = sub.add_parser(
         "demo",
         help="run the built-in example (offline, a few seconds)",
         description="The seed README's example, then a small network's loss Hessian: shapes, "
         "eigenvalues (dense and Lanczos), sharpness, trace with its standard error and a "
         "spectral density; writes OUT/report.json and PNG figures.",
-        epilog="Example: hesse demo --out /tmp/hesse-demo",
+        epilog="examples:\n  hesse demo\n  hesse demo --out /tmp/hesse-demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument(
         "--out", default="hesse-demo", help="folder for report.json and PNGs (default: %(default)s)"
     )
-    demo.set_defaults(run=_demo)
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="eigenvalues, trace and spectral density of your own model's curvature",
+        description="Import FUNC from FILE.py, build the curvature operator of the model, loss "
+        "and data it returns, and report its extreme eigenvalues, trace and spectral density; "
+        "writes OUT/report.json and PNG figures.",
+        epilog=ANALYZE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    analyze.add_argument("target", metavar="FILE.py:FUNC", help="where to find FUNC")
+    analyze.add_argument(
+        "--out", default="hesse-analysis", help="folder for the results (default: %(default)s)"
+    )
+    analyze.add_argument(
+        "--params",
+        nargs="+",
+        metavar="PATTERN",
+        help="parameters to include, by name or glob ('0.weight', '*.bias'); default: all "
+        "trainable parameters",
+    )
+    analyze.add_argument("--top-k", type=_positive, default=0, metavar="K", help="largest K")
+    analyze.add_argument(
+        "--bottom-k", type=_positive, default=0, metavar="K", help="smallest K eigenvalues"
+    )
+    analyze.add_argument("--trace", action="store_true", help="Hutch++ trace estimate")
+    analyze.add_argument("--density", action="store_true", help="spectral density plot (SLQ)")
+    analyze.add_argument(
+        "--trace-matvecs",
+        type=_positive,
+        default=90,
+        metavar="M",
+        help="products spent on the trace (default: %(default)s)",
+    )
+    analyze.add_argument(
+        "--curvature",
+        choices=sorted(_analyze.OPERATORS),
+        default="hessian",
+        help="which matrix: the loss Hessian, the generalised Gauss-Newton or the empirical "
+        "Fisher (default: %(default)s)",
+    )
+    analyze.add_argument(
+        "--seed", type=_integer, default=0, help="seed of the random vectors (default: 0)"
+    )
+    analyze.add_argument("--no-progress", action="store_true", help="no progress bars")
+    analyze.add_argument(
+        "--traceback", action="store_true", help="show the full traceback of an error"
+    )
     return parser
 
 
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        return _demo.run(Path(args.out))
+    return _analyze.run(
+        _analyze.Request(
+            target=args.target,
+            out=Path(args.out),
+            params=_analyze.parse_params(args.params),
+            top_k=args.top_k,
+            bottom_k=args.bottom_k,
+            trace=args.trace,
+            density=args.density,
+            curvature=args.curvature,
+            seed=args.seed,
+            trace_matvecs=args.trace_matvecs,
+            progress=not args.no_progress,
+            traceback=args.traceback,
+        )
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hesse`` console script."""
+    """Entry point of the ``hesse`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return _run(args)
+    except _analyze.CommandError as err:
+        if getattr(args, "traceback", False):
+            raise
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        where = f" [rank {rank}]" if rank is not None else ""
+        print(f"hesse {args.command}{where}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hesse {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

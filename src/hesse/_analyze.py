@@ -1,0 +1,391 @@
+"""``hesse analyze FILE.py:FUNC``: the curvature of a user's own model, loss and data.
+
+``FUNC()`` returns ``(model, criterion, data)``; the command builds the requested operator over
+``data``, runs the spectral tools on it with progress bars, prints a report and writes
+``report.json`` and figures. Under ``torchrun`` it joins the process group before calling
+``FUNC`` (which then gives each rank its shard), the operator all-reduces its products, and only
+rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import hesse
+from hesse._figures import have_matplotlib, hessian_heatmap
+from hesse._operators import CurvatureOperator
+
+__all__ = ["CommandError", "Request", "run"]
+
+OPERATORS: dict[str, tuple[type[CurvatureOperator], str]] = {
+    "hessian": (hesse.HessianOperator, "Hessian of the loss"),
+    "ggn": (hesse.GGNOperator, "generalised Gauss-Newton"),
+    "fisher": (hesse.EmpiricalFisherOperator, "empirical Fisher"),
+}
+# Below this size the whole matrix is cheap enough to draw as a heat map.
+HEATMAP_LIMIT = 256
+
+
+_HINT = " (run again with --traceback to see where)"
+_PACKAGE = Path(hesse.__file__).resolve().parent
+
+
+class CommandError(Exception):
+    """A mistake the user can fix, reported as one line without a traceback."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What ``hesse analyze`` was asked to do (the parsed command line)."""
+
+    target: str
+    out: Path
+    params: list[str] | None = None
+    top_k: int = 0
+    bottom_k: int = 0
+    trace: bool = False
+    density: bool = False
+    curvature: str = "hessian"
+    seed: int = 0
+    trace_matvecs: int = 90
+    progress: bool = True
+    traceback: bool = False
+
+    def with_defaults(self) -> Request:
+        """Top-5 eigenvalues, the trace and the density when no analysis was named."""
+        if self.top_k or self.bottom_k or self.trace or self.density:
+            return self
+        return Request(**{**self.__dict__, "top_k": 5, "trace": True, "density": True})
+
+
+# --------------------------------------------------------------------------------- loading
+
+
+def load_target(target: str) -> tuple[nn.Module, Any, Any]:
+    """Import ``FUNC`` from ``FILE.py`` and check what it returns: ``(model, criterion, data)``."""
+    file, sep, name = target.rpartition(":")
+    if not sep or not file or not name:
+        raise CommandError(
+            f"expected FILE.py:FUNC (a Python file and the function in it that returns "
+            f"(model, criterion, data)), got {target!r}; e.g. examples/analyze_mlp.py:setup"
+        )
+    path = Path(file)
+    if not path.is_file():
+        raise CommandError(f"no such file: {file} (from {target!r})")
+    spec = importlib.util.spec_from_file_location(f"hesse_user_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise CommandError(f"{file} is not a Python file that can be imported")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)  # the user's file may import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise CommandError(f"importing {file} raised {_describe(err)}{_HINT}") from err
+    finally:
+        sys.path.remove(folder)
+    func = getattr(module, name, None)
+    if func is None:
+        defined = sorted(
+            n
+            for n, v in vars(module).items()
+            if callable(v) and getattr(v, "__module__", None) == module.__name__
+        )
+        listing = ", ".join(defined) if defined else "none"
+        raise CommandError(f"{file} has no function {name!r} (functions defined there: {listing})")
+    if not callable(func):
+        raise CommandError(f"{file}:{name} is a {type(func).__name__}, not a function")
+    try:
+        result = func()
+    except Exception as err:
+        raise CommandError(f"{name}() raised {_describe(err)}{_HINT}") from err
+    return _check_result(name, result)
+
+
+def _check_result(name: str, result: Any) -> tuple[nn.Module, Any, Any]:
+    expected = "(model, criterion, data), data an (inputs, target) pair or a DataLoader"
+    if not isinstance(result, (tuple, list)) or len(result) != 3:
+        got = f"{len(result)} values" if isinstance(result, (tuple, list)) else _kind(result)
+        raise CommandError(f"{name}() must return {expected}; it returned {got}")
+    model, criterion, data = result
+    if not isinstance(model, nn.Module):
+        raise CommandError(f"{name}() must return an nn.Module first; got {_kind(model)}")
+    if not callable(criterion):
+        raise CommandError(
+            f"{name}() must return a loss second (such as nn.CrossEntropyLoss()); "
+            f"got {_kind(criterion)}"
+        )
+    return model, criterion, data
+
+
+def _kind(value: Any) -> str:
+    return f"a {type(value).__name__}" if value is not None else "None"
+
+
+def _explain(err: BaseException) -> str:
+    """hesse's own checks say what to fix in their first line; an error raised in the user's
+    model or data (or in torch) is easier to place with its traceback."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if frames and Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE):
+        return str(err).splitlines()[0]
+    return _describe(err) + _HINT
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- distribution
+
+
+@contextmanager
+def process_group() -> Iterator[int]:
+    """Join the ``torchrun`` process group (if launched by it) and yield this rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        yield dist.get_rank() if dist.is_initialized() else 0
+        return
+    # One backend per device type: gloo for CPU tensors, NCCL for CUDA ones.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------- analysis
+
+
+class _Counted:
+    """An operator that advances a progress bar by the columns of each product."""
+
+    def __init__(self, op: CurvatureOperator, bar: Any) -> None:
+        self.op, self.bar = op, bar
+        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
+        self.shard = op.shard
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        out = self.op @ v
+        if self.bar is not None:
+            self.bar.update(1 if v.ndim == 1 else v.shape[1])
+        return out
+
+    def to_dense(self) -> Tensor:
+        return self.op.to_dense()
+
+
+class _Progress:
+    """Progress bars on stderr (tqdm, the ``progress`` extra) for each step of the analysis."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.tqdm: Any = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.tqdm = tqdm
+            except ImportError:
+                print("(pip install 'hesse[progress]' for progress bars)", file=sys.stderr)
+
+    @contextmanager
+    def products(self, op: CurvatureOperator, desc: str, total: int | None) -> Iterator[_Counted]:
+        bar = None
+        if self.tqdm is not None:
+            bar = self.tqdm(total=total, desc=desc, unit=" products", leave=False)
+        try:
+            yield _Counted(op, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def _eigen_section(result: hesse.EigenResult, seconds: float) -> dict[str, Any]:
+    return {
+        "eigenvalues": result.eigenvalues.tolist(),
+        "residuals": result.residuals.tolist(),
+        "converged": result.converged.tolist(),
+        "num_matvecs": result.num_matvecs,
+        "seconds": seconds,
+    }
+
+
+def _print_eigen(title: str, section: dict[str, Any], say: Callable[[str], None]) -> None:
+    say(f"\n{title} (Lanczos, {section['num_matvecs']} products, {section['seconds']:.2f} s)")
+    for i, (value, residual, ok) in enumerate(
+        zip(section["eigenvalues"], section["residuals"], section["converged"]), 1
+    ):
+        state = "converged" if ok else "NOT converged"
+        say(f"  {i:3d}  {value: .6e}   residual {residual:.1e}  {state}")
+
+
+Figure = tuple[str, Callable[[Path], Any]]  # a file name and what draws it there
+
+
+def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Figure]]:
+    """Run the analysis; print (on rank 0) and return the report and its figures."""
+    say: Callable[[str], None] = print if rank == 0 else (lambda _: None)
+    progress = _Progress(request.progress and rank == 0)
+    model, criterion, data = load_target(request.target)
+    operator, description = OPERATORS[request.curvature]
+    op = operator(model, criterion, data, params=request.params)
+    layout = op.layout
+    world = op.shard.world_size
+    report: dict[str, Any] = {
+        "hesse": hesse.__version__,
+        "torch": torch.__version__,
+        "target": request.target,
+        "curvature": request.curvature,
+        "operator": type(op).__name__,
+        "parameters": layout.numel,
+        "param_names": list(layout.names),
+        "samples": op.num_samples,
+        "reduction": op.reduction,
+        "dtype": str(op.dtype).removeprefix("torch."),
+        "device": str(op.device),
+        "world_size": world,
+        "seed": request.seed,
+    }
+    figures: list[Figure] = []
+    total = sum(p.numel() for p in model.parameters())
+    say(f"hesse analyze {request.target}")
+    say(
+        f"model       {type(model).__name__}: {layout.numel:,} of {total:,} parameters "
+        f"in {len(layout.names)} tensors"
+    )
+    ranks = f" over {world} ranks" if world > 1 else ""
+    say(f"data        {op.num_samples:,} samples{ranks}, reduction {op.reduction!r}")
+    say(f"curvature   {description} ({type(op).__name__}), {report['dtype']} on {op.device}")
+
+    for key, k, which, title in (
+        ("top", request.top_k, "LA", f"top-{request.top_k} eigenvalues"),
+        ("bottom", request.bottom_k, "SA", f"bottom-{request.bottom_k} eigenvalues"),
+    ):
+        if not k:
+            continue
+        if k >= layout.numel:
+            flag = "--top-k" if key == "top" else "--bottom-k"
+            raise CommandError(
+                f"{flag} {k}: must be smaller than N = {layout.numel}, the number of "
+                "parameters analysed"
+            )
+        with progress.products(op, title, None) as counted:
+            result, seconds = _timed(
+                partial(hesse.eigsh, counted, k=k, which=which, seed=request.seed)
+            )
+        report[key] = _eigen_section(result, seconds)
+        _print_eigen(title, report[key], say)
+
+    if request.trace:
+        with progress.products(op, "trace", request.trace_matvecs) as counted:
+            tr, seconds = _timed(
+                partial(hesse.trace, counted, request.trace_matvecs, seed=request.seed)
+            )
+        report["trace"] = {
+            "estimate": tr.estimate.item(),
+            "stderr": tr.stderr.item(),
+            "method": "hutch++",
+            "num_matvecs": tr.num_matvecs,
+            "seconds": seconds,
+        }
+        say(
+            f"\ntrace       {tr.estimate.item():.6e} ± {tr.stderr.item():.2e} (standard error; "
+            f"Hutch++, {tr.num_matvecs} products, {seconds:.2f} s)"
+        )
+
+    if request.density:
+        probes, steps = 8, min(60, layout.numel)
+        with progress.products(op, "spectral density", probes * steps) as counted:
+            density, seconds = _timed(
+                partial(
+                    hesse.spectral_density,
+                    counted,
+                    num_probes=probes,
+                    lanczos_steps=steps,
+                    seed=request.seed,
+                )
+            )
+        report["density"] = {
+            "range": [density.nodes.min().item(), density.nodes.max().item()],
+            "num_probes": probes,
+            "lanczos_steps": steps,
+            "sigma": density.sigma,
+            "nodes": density.nodes.tolist(),
+            "weights": density.weights.tolist(),
+            "num_matvecs": density.num_matvecs,
+            "seconds": seconds,
+        }
+        low, high = report["density"]["range"]
+        say(
+            f"\ndensity     eigenvalues in [{low:.4e}, {high:.4e}] "
+            f"(SLQ, {probes} probes x {steps} steps, {seconds:.2f} s)"
+        )
+        figures.append(("spectral_density.png", density.plot))
+
+    if layout.numel <= HEATMAP_LIMIT:
+        dense = op.to_dense()
+        title = f"{description}, blocks per parameter"
+        figures.append(
+            ("curvature_heatmap.png", lambda path: hessian_heatmap(dense, layout, path, title))
+        )
+    return report, figures
+
+
+def _write(out: Path, report: dict[str, Any], figures: list[Figure]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if figures and not have_matplotlib():
+        print("(matplotlib is not installed: pip install 'hesse[plot]' for the PNG figures)")
+        figures = []
+    for name, draw in figures:
+        draw(out / name)
+        written.append(out / name)
+    report["figures"] = [str(p) for p in written]
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return [path, *written]
+
+
+def run(request: Request) -> int:
+    """Run ``hesse analyze``; a `CommandError` carries a one-line message for the user."""
+    request = request.with_defaults()
+    with process_group() as rank:
+        try:
+            report, figures = analyze(request, rank)
+        except CommandError:
+            raise
+        except Exception as err:
+            if request.traceback:
+                raise
+            raise CommandError(_explain(err)) from err
+        if rank == 0:
+            written = _write(request.out, report, figures)
+            print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def parse_params(values: Sequence[str] | None) -> list[str] | None:
+    """``--params a b`` or ``--params a,b``: names or glob patterns, ``None`` for all."""
+    if not values:
+        return None
+    return [p for v in values for p in v.split(",") if p]
