@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import hesse
 from hesse._figures import have_matplotlib, hessian_heatmap
 
-__all__ = ["MimoModel", "run"]
+__all__ = ["MimoModel", "run", "trained_classifier"]
 
 
 class MimoModel(nn.Module):
@@ -65,8 +65,9 @@ def _seed_example(report: dict[str, Any]) -> None:
     }
 
 
-def _network_example(out: Path, report: dict[str, Any]) -> list[Path]:
-    print("\n== A small MLP (8-16-16-3, Tanh) trained briefly on generated 3-class data")
+def trained_classifier() -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    """The demo's network: an MLP 8-16-16-3 (Tanh, N = 483) trained by 100 Adam steps on 256
+    generated 3-class samples; returns ``(model, criterion, x, target)``. Deterministic."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=g)
     target = (x[:, :3] + 0.3 * torch.randn(256, 3, generator=g)).argmax(1)
@@ -81,6 +82,12 @@ def _network_example(out: Path, report: dict[str, Any]) -> list[Path]:
         criterion(model(x), target).backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
+    return model, criterion, x, target
+
+
+def _network_example(out: Path, report: dict[str, Any]) -> list[Path]:
+    print("\n== A small MLP (8-16-16-3, Tanh) trained briefly on generated 3-class data")
+    model, criterion, x, target = trained_classifier()
     loss = criterion(model(x), target).item()
 
     start = time.perf_counter()

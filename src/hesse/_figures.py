@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -22,11 +21,11 @@ def have_matplotlib() -> bool:
     return True
 
 
-def hessian_heatmap(h: Tensor, layout: ParamLayout, path: Path, title: str) -> Path:
+def hessian_heatmap(h: Tensor, layout: ParamLayout, path: Any, title: str) -> Any:
     """Save a heat map of a square matrix with its parameter blocks outlined and named.
 
     Colours are symmetric-logarithmic: a few large entries would otherwise wash out the
-    structure of the rest.
+    structure of the rest. ``path``: a file name or a binary file object (PNG).
     """
     import matplotlib
     import matplotlib.pyplot as plt
