@@ -204,15 +204,14 @@ class CurvatureOperator:
     def _matmat(self, matrix: Tensor) -> Tensor:
         """``(N, K) -> (N, K)``, columns in chunks that fit the cache."""
         theta = self.layout.gather(self.model)
-        out = torch.zeros_like(matrix)
         tangents = matrix.T
+        # Accumulated as rows (K, N), the layout vmap returns: contiguous adds, one transpose.
+        out = tangents.new_zeros(tangents.shape)
         for batch, weight in self._weighted_batches():
             for start in range(0, tangents.shape[0], TARGET_COLUMNS):
-                chunk = tangents[start : start + TARGET_COLUMNS]
-                out[:, start : start + TARGET_COLUMNS] += (
-                    weight * self._batch_matmat(batch, theta, chunk).T
-                )
-        return self.shard.all_reduce(out)
+                rows = slice(start, start + TARGET_COLUMNS)
+                out[rows].add_(self._batch_matmat(batch, theta, tangents[rows]), alpha=weight)
+        return self.shard.all_reduce(out).T.contiguous()
 
     def to_dense(self) -> Tensor:
         """The ``(N, N)`` matrix, built from products with identity columns."""
