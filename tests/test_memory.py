@@ -25,7 +25,7 @@ def _plan(monkeypatch: pytest.MonkeyPatch, available: int | None, **kw: object) 
         device=torch.device("cpu"),
         chunk_size=None,
         activations=lambda: 10_000,
-        alternatives="the diagonal",
+        alternatives=[("the diagonal", 4000), ("a huge thing", 10**15), ("params", None)],
     )
     args.update(kw)
     return plan_chunk(**args)  # type: ignore[arg-type]
@@ -48,11 +48,16 @@ def test_automatic_chunk_shrinks_to_fit(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_guard_names_the_estimate_and_alternatives(monkeypatch: pytest.MonkeyPatch) -> None:
     called = []
-    with pytest.raises(MemoryBudgetError, match=r"f: needs about 3\.8 MiB .*the diagonal"):
+    with pytest.raises(MemoryBudgetError, match=r"f: needs about 3\.8 MiB .*the diagonal") as info:
         _plan(monkeypatch, 10**6, activations=lambda: called.append(1) or 0)
     assert not called  # a hopeless call fails before measuring anything
-    with pytest.raises(MemoryBudgetError, match="chunk_size=1000"):
+    # Only alternatives that would fit are named; a smaller chunk cannot shrink the result.
+    message = str(info.value)
+    assert "the diagonal (3.9 KiB)" in message and "params" in message
+    assert "a huge thing" not in message and "chunk_size" not in message
+    with pytest.raises(MemoryBudgetError, match="chunk_size=1000") as info:
         _plan(monkeypatch, 5 * 10**6 + 10**6, chunk_size=5000)
+    assert "a smaller chunk_size" in str(info.value)
 
 
 def test_available_bytes_and_activations() -> None:

@@ -127,6 +127,17 @@ def test_diagonal_exact_delegates_to_the_operator() -> None:
     )
     assert_close(hesse.diagonal(op, method="exact"), op.diagonal())
 
+    class ProductsOnly:  # an operator of the user's own, with products and no diagonal()
+        shape, dtype, device = (3, 3), F64, torch.device("cpu")
+
+        def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+            return 2 * v
+
+    with pytest.raises(TypeError, match=r"method='exact' needs A\.diagonal\(\).*ProductsOnly"):
+        hesse.diagonal(ProductsOnly(), method="exact")
+    estimate = hesse.diagonal(ProductsOnly(), num_matvecs=3, method="hutchinson", seed=0)
+    assert_close(estimate, torch.full((3,), 2.0, dtype=F64))  # z ⊙ 2z = 2 for ±1 probes
+
 
 def test_spectral_density_mass_mean_and_plot(tmp_path: object) -> None:
     ev = _spectrum(300)

@@ -8,6 +8,7 @@ columns by a torch.func transform (`hesse._transforms`) → a structured result 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -24,7 +25,7 @@ from hesse._functional import (
     sample_model_function,
 )
 from hesse._layout import ParamLayout
-from hesse._memory import activation_bytes, format_bytes, plan_chunk
+from hesse._memory import Alternative, activation_bytes, plan_chunk
 from hesse._spectral import sharpness
 from hesse._state import evaluation_mode
 from hesse._transforms import (
@@ -172,22 +173,23 @@ def _sample_loss_curvature(
     return _Curvature(model, layout, (b,), columns, activations)
 
 
-def _alternatives(c: _Curvature, diagonal_available: bool = True) -> str:
-    n, itemsize = c.layout.numel, torch.empty((), dtype=c.layout.dtype).element_size()
-    lanes = 1
-    for d in c.lead:
-        lanes *= d
-    blocks = sum(k * k for k in c.layout.numels) * lanes * itemsize
-    options = []
-    if diagonal_available:
+def _alternatives(c: _Curvature, *, diagonal: bool = True) -> list[Alternative]:
+    """Cheaper calls than a dense result, with their result sizes; ``diagonal=False`` when
+    the failing call is the diagonal itself."""
+    itemsize = torch.empty((), dtype=c.layout.dtype).element_size()
+    lanes = math.prod(c.lead)
+    options: list[Alternative] = []
+    if diagonal:
         options.append(
-            f"the exact diagonal (*_hessian_diagonal, {format_bytes(n * lanes * itemsize)})"
+            ("the exact diagonal (*_hessian_diagonal)", c.layout.numel * lanes * itemsize)
         )
     if len(c.layout.names) > 1:
-        options.append(f"diagonal_only=True in dict form ({format_bytes(blocks)})")
-    options.append("params=[...] to select fewer parameters")
-    options.append("a smaller chunk_size for a smaller working set")
-    return "; ".join(options)
+        blocks = sum(k * k for k in c.layout.numels) * lanes * itemsize
+        options.append(("diagonal_only=True in dict form", blocks))
+    options.append(("params=[...] to select fewer parameters", None))
+    if not c.lead:  # a loss: its curvature is also available matrix-free
+        options.append(("a matrix-free hesse.HessianOperator with hesse.eigsh / hesse.trace", None))
+    return options
 
 
 def _plan(
@@ -207,7 +209,7 @@ def _plan(
         device=sub.device,
         chunk_size=chunk_size,
         activations=lambda: c.activations(sub, theta),
-        alternatives=_alternatives(c),
+        alternatives=_alternatives(c, diagonal=len(out) > len(c.lead) + 1),
     ).chunk
 
 
@@ -292,8 +294,8 @@ def model_hessian_matrix(
 ) -> Tensor:
     r"""Hessian of each model output with respect to the parameters, as one matrix.
 
-    With :math:`f_b(\theta)` the output for sample ``b``, entry ``[b, *o, i, j]`` is
-    :math:`\partial^2 f_{b,o} / \partial\theta_i \partial\theta_j`. Each sample is evaluated as a
+    With $f_b(\theta)$ the output for sample ``b``, entry ``[b, *o, i, j]`` is
+    $\partial^2 f_{b,o} / \partial\theta_i \partial\theta_j$. Each sample is evaluated as a
     batch of one; the cost is linear in the batch size.
 
     Args:
@@ -315,7 +317,7 @@ def model_hessian_matrix(
         MemoryBudgetError: The result and working set would not fit in the device's memory.
 
     Example:
-        The quadratic form :math:`f(x) = x^\top A x` has Hessian :math:`2A` for every x:
+        The quadratic form $f(x) = x^\top A x$ has Hessian $2A$ for every x:
 
         >>> class Quadratic(torch.nn.Module):
         ...     def __init__(self):
@@ -437,7 +439,7 @@ def loss_hessian_matrix(
         Shape ``(N, N)`` on the parameters' dtype and device.
 
     Example:
-        Least squares :math:`\frac{1}{2}\lVert Xw - y\rVert^2` has Hessian :math:`X^\top X`:
+        Least squares $\frac{1}{2}\lVert Xw - y\rVert^2$ has Hessian $X^\top X$:
 
         >>> model = torch.nn.Linear(2, 1, bias=False)
         >>> X, y = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(2, 1)
@@ -496,7 +498,7 @@ def loss_hessian_diagonal(
     r"""The exact diagonal of the loss Hessian, ``(N,)``, without forming the matrix.
 
     Example:
-        For :math:`\sum_i (w \cdot x_i)^2` the diagonal is :math:`2 \sum_i x_i^2`:
+        For $\sum_i (w \cdot x_i)^2$ the diagonal is $2 \sum_i x_i^2$:
 
         >>> model = torch.nn.Linear(2, 1, bias=False)
         >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])

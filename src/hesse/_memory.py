@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["ChunkPlan", "MemoryBudgetError", "activation_bytes", "available_bytes", "plan_chunk"]
+__all__ = [
+    "Alternative",
+    "ChunkPlan",
+    "MemoryBudgetError",
+    "activation_bytes",
+    "available_bytes",
+    "plan_chunk",
+]
 
 # Vectorised lanes (columns x outputs per column) per pass when memory allows, and the most
 # columns. Measured on 2 CPU threads: a loss Hessian (MLP, N=7,770, batch 256) took 3.7 s at 64,
@@ -23,6 +30,10 @@ TARGET_COLUMNS = 128
 MEMORY_FRACTION = 0.8
 # Second backward passes hold about this many copies of the forward's saved activations.
 ACTIVATION_FACTOR = 4
+
+
+# Another call to suggest when one does not fit, and the bytes of its result (None: it varies).
+Alternative = tuple[str, int | None]
 
 
 class MemoryBudgetError(MemoryError):
@@ -96,7 +107,7 @@ def plan_chunk(
     device: torch.device,
     chunk_size: int | None,
     activations: Callable[[], int],
-    alternatives: str,
+    alternatives: Sequence[Alternative],
 ) -> ChunkPlan:
     """Choose the number of identity columns per pass and check that the call fits in memory.
 
@@ -109,7 +120,8 @@ def plan_chunk(
         chunk_size: The user's choice, or None for automatic.
         activations: Measures the saved-activation bytes of one evaluation; called only when
             the output itself fits, so a hopeless call fails within milliseconds.
-        alternatives: Cheaper calls to suggest, for messages.
+        alternatives: Other calls to suggest, each with the bytes of its result (None when
+            that depends on the choice); only those that would fit are named.
 
     Raises:
         MemoryBudgetError: The estimate exceeds the available memory.
@@ -119,17 +131,24 @@ def plan_chunk(
     available = available_bytes(device)
     budget = None if available is None else int(available * MEMORY_FRACTION)
 
-    def fail(needed: int, detail: str) -> MemoryBudgetError:
+    def fail(needed: int, detail: str, working_set: bool) -> MemoryBudgetError:
         shape = " x ".join(map(str, output_shape))
+        fitting = [
+            text if size is None else f"{text} ({format_bytes(size)})"
+            for text, size in alternatives
+            if size is None or (budget is not None and size <= budget // 2)
+        ]
+        if working_set:  # the result fits: fewer columns per pass need less working memory
+            fitting.append("a smaller chunk_size for a smaller working set")
         return MemoryBudgetError(
             f"{what}: needs about {format_bytes(needed)} ({detail}) but about "
             f"{format_bytes(budget or 0)} can be used on {device} "
             f"({format_bytes(available or 0)} available). The result alone is {shape} {dtype} "
-            f"= {format_bytes(out_bytes)}. Cheaper alternatives: {alternatives}."
+            f"= {format_bytes(out_bytes)}. Alternatives: {'; '.join(fitting)}."
         )
 
     if budget is not None and out_bytes > budget:
-        raise fail(out_bytes, "the result alone")
+        raise fail(out_bytes, "the result alone", working_set=False)
 
     lanes = math.prod(lead)
     act = activations()
@@ -148,5 +167,6 @@ def plan_chunk(
             out_bytes + working,
             f"result {format_bytes(out_bytes)} + working set {format_bytes(working)} "
             f"for chunk_size={chunk}",
+            working_set=True,
         )
     return ChunkPlan(chunk, out_bytes, working, available)

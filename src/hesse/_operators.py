@@ -339,7 +339,11 @@ class CurvatureOperator:
             device=self.device,
             chunk_size=1,
             activations=lambda: 0,
-            alternatives="products op @ V with fewer columns; op.diagonal(); params=[...]",
+            alternatives=[
+                ("products op @ V with fewer columns", None),
+                ("op.diagonal()", shape[-1] * torch.empty((), dtype=self.dtype).element_size()),
+                ("params=[...]", None),
+            ],
         )
 
     def _check_deterministic(self) -> None:
@@ -364,10 +368,10 @@ class CurvatureOperator:
 
 
 class HessianOperator(CurvatureOperator):
-    r"""The Hessian of the dataset loss, :math:`\nabla^2_\theta L`.
+    r"""The Hessian of the dataset loss, $\nabla^2_\theta L$.
 
     Example:
-        Least squares: :math:`\frac{1}{2}\sum_i (w \cdot x_i)^2` has Hessian :math:`X^\top X`,
+        Least squares: $\frac{1}{2}\sum_i (w \cdot x_i)^2$ has Hessian $X^\top X$,
         the same whether the data come in one batch or two:
 
         >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -481,10 +485,10 @@ class HessianOperator(CurvatureOperator):
 
 
 class GGNOperator(CurvatureOperator):
-    r"""The generalised Gauss-Newton matrix :math:`\sum_b w_b J_b^\top H_b J_b`.
+    r"""The generalised Gauss-Newton matrix $\sum_b w_b J_b^\top H_b J_b$.
 
-    :math:`J_b` is the Jacobian of the model's outputs on batch ``b`` with respect to the
-    parameters and :math:`H_b = \nabla^2_z \ell(z, y)` the Hessian of the batch loss in the
+    $J_b$ is the Jacobian of the model's outputs on batch ``b`` with respect to the
+    parameters and $H_b = \nabla^2_z \ell(z, y)$ the Hessian of the batch loss in the
     outputs ``z``. Positive semi-definite for convex losses (MSE, cross-entropy).
     """
 
@@ -544,11 +548,11 @@ class GGNOperator(CurvatureOperator):
 
 
 class EmpiricalFisherOperator(CurvatureOperator):
-    r"""The empirical Fisher :math:`c \sum_i g_i g_i^\top` over all samples ``i``.
+    r"""The empirical Fisher $c \sum_i g_i g_i^\top$ over all samples ``i``.
 
-    :math:`g_i` is the gradient of sample ``i``'s own loss, ``criterion(model(x_i), y_i)``
+    $g_i$ is the gradient of sample ``i``'s own loss, ``criterion(model(x_i), y_i)``
     with ``x_i`` evaluated as a batch of one (so for ``MSELoss(reduction="mean")`` it is the
-    mean over that sample's outputs). :math:`c = 1/N_{data}` for ``reduction="mean"`` and 1
+    mean over that sample's outputs). $c = 1/N_{data}$ for ``reduction="mean"`` and 1
     for ``"sum"``. Note that this differs from the Fisher (expectation under the model's
     predictive distribution) and, for ``"mean"``, from BackPACK's convention of per-batch
     gradients; it is what ``torch.func`` per-sample gradients give.
@@ -594,7 +598,7 @@ def hvp(
     vector: Tensor | dict[str, Tensor],
     params: Params = None,
 ) -> Any:
-    r"""The loss Hessian times ``vector``: :math:`\nabla^2_\theta\, \ell(\theta)\, v`.
+    r"""The loss Hessian times ``vector``: $\nabla^2_\theta\, \ell(\theta)\, v$.
 
     Args:
         vector: A flat ``(N,)`` tensor, an ``(N, K)`` matrix (K products, vectorised), or a

@@ -152,9 +152,9 @@ def eigsh(
     r"""The ``k`` extreme eigenpairs of a symmetric matrix or operator.
 
     Thick-restart Lanczos with full reorthogonalisation: the basis grows one product at a time,
-    Ritz pairs come from the exact projection :math:`Q^\top A Q`, and a restart keeps the
+    Ritz pairs come from the exact projection $Q^\top A Q$, and a restart keeps the
     wanted Ritz vectors and continues from the residual. A pair is converged when
-    :math:`\|Av - \lambda v\| \le \mathrm{tol} \cdot \max|\lambda|`; the eigenvalue error is
+    $\|Av - \lambda v\| \le \mathrm{tol} \cdot \max|\lambda|$; the eigenvalue error is
     then about the square of that. Small matrices (N <= 256) are solved densely.
 
     Args:
@@ -294,12 +294,12 @@ class TraceResult:
 def trace(
     A: Any, num_matvecs: int = 30, method: str = "hutch++", *, seed: Seed = None
 ) -> TraceResult:
-    r"""Estimate :math:`\operatorname{tr}(A)` from ``num_matvecs`` products, all in one batch.
+    r"""Estimate $\operatorname{tr}(A)$ from ``num_matvecs`` products, all in one batch.
 
-    ``"hutchinson"``: the mean of :math:`z^\top A z` over Rademacher probes. ``"hutch++"``
-    (Meyer et al., 2021): a third of the products find a basis :math:`Q` of ``A``'s dominant
-    range, whose part :math:`\operatorname{tr}(Q^\top A Q)` is exact, and Hutchinson estimates
-    only the rest, :math:`(I - QQ^\top) A (I - QQ^\top)`; far smaller error when the spectrum
+    ``"hutchinson"``: the mean of $z^\top A z$ over Rademacher probes. ``"hutch++"``
+    (Meyer et al., 2021): a third of the products find a basis $Q$ of ``A``'s dominant
+    range, whose part $\operatorname{tr}(Q^\top A Q)$ is exact, and Hutchinson estimates
+    only the rest, $(I - QQ^\top) A (I - QQ^\top)$; far smaller error when the spectrum
     decays. The standard error comes from the spread of the Hutchinson samples.
 
     Example:
@@ -334,14 +334,19 @@ def trace(
 def diagonal(A: Any, num_matvecs: int = 30, method: str = "diag++", *, seed: Seed = None) -> Tensor:
     r"""Estimate the diagonal ``(N,)`` from ``num_matvecs`` products.
 
-    ``"hutchinson"``: the mean of :math:`z \odot Az` over Rademacher probes. ``"diag++"``:
+    ``"hutchinson"``: the mean of $z \odot Az$ over Rademacher probes. ``"diag++"``:
     a low-rank correction in the spirit of Hutch++ and XDiag — half of the products build a
-    basis :math:`Q` of ``A``'s dominant range, :math:`\operatorname{diag}(QQ^\top A)` is taken
+    basis $Q$ of ``A``'s dominant range, $\operatorname{diag}(QQ^\top A)$ is taken
     exactly, and Hutchinson estimates the diagonal of the rest. ``"exact"``: the operator's
     exact ``diagonal()`` (or the dense diagonal), ``num_matvecs`` ignored.
     """
     lin = _linear(A)
     if method == "exact":
+        if not callable(getattr(A, "diagonal", None)):
+            raise TypeError(
+                f"method='exact' needs A.diagonal() (a dense tensor or a hesse operator); "
+                f"{type(A).__name__} has only products: use method='diag++' or 'hutchinson'."
+            )
         return A.diagonal()
     if method not in ("hutchinson", "diag++"):
         raise ValueError(f"method: expected 'hutchinson', 'diag++' or 'exact', got {method!r}.")
@@ -459,7 +464,7 @@ def spectral_density(
     Each of ``num_probes`` random unit vectors runs ``lanczos_steps`` Lanczos steps (all probes
     vectorised in one block product per step). The tridiagonal's eigenvalues are quadrature
     nodes and the squared first components of its eigenvectors their weights, so
-    :math:`\sum_j w_j f(\theta_j) \approx \frac{1}{N}\operatorname{tr} f(A)`. The density is
+    $\sum_j w_j f(\theta_j) \approx \frac{1}{N}\operatorname{tr} f(A)$. The density is
     the nodes smoothed by a Gaussian of width ``sigma`` (default 1% of the spectral range),
     normalised to integrate to 1 over the grid.
     """
