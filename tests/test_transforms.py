@@ -106,6 +106,28 @@ def test_vmap_unbatchable_model_falls_back_with_one_warning() -> None:
             assert_close(full[b, k], oracle_hessian(model, scalar))
 
 
+def test_a_failure_after_the_first_chunk_is_raised_not_fallen_back_from() -> None:
+    """Only a first chunk may switch strategies; a later error (out of memory, a bug in the
+    model) reaches the caller instead of silently re-running on a slower path."""
+
+    class FailsLater(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 4:  # the second chunk of columns
+                raise RuntimeError("simulated out of memory")
+            return self.lin(x).tanh()
+
+    model = FailsLater().to(F64)
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, 2, dtype=F64)
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y, chunk_size=2)
+
+
 def test_no_warning_on_the_vectorised_path() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
     with warnings.catch_warnings():

@@ -176,14 +176,13 @@ class Fallbacks:
 
     def __init__(self) -> None:
         self._start = 0
+        self._settled = False  # a chunk has succeeded: no more falling back in this call
         self._warned = False
 
     def __call__(self, strategies: list[Strategy]) -> ColumnFn:
-        chosen: list[ColumnFn] = []
-
         def columns(tangents: Tensor) -> Tensor:
-            if chosen:
-                return chosen[0](tangents)
+            if self._settled:
+                return strategies[self._start].columns(tangents)
             first_error: BaseException | None = None
             for i in range(self._start, len(strategies)):
                 strategy = strategies[i]
@@ -197,8 +196,7 @@ class Fallbacks:
                 if strategy.slow and first_error is not None and not self._warned:
                     self._warned = True
                     warn_fallback(first_error, strategy.description)
-                self._start = i
-                chosen.append(strategy.columns)
+                self._start, self._settled = i, True
                 return result
             raise AssertionError("no strategy given")  # unreachable
 
