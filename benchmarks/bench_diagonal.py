@@ -69,17 +69,25 @@ def backpack_call(widths: list[int], batch: int) -> Callable[[], Any]:
 
 def func_call(widths: list[int], batch: int) -> Callable[[], Any]:
     """By hand: torch.func.hessian of a flat-vector loss, then its diagonal."""
-    model, crit, x, y = problem(widths, batch)
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    loss, theta = flat_loss(*problem(widths, batch))
+    return lambda: torch.func.hessian(loss)(theta).diagonal()
+
+
+def flat_loss(
+    model: nn.Module, criterion: nn.Module, x: Tensor, y: Tensor
+) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """The loss as a function of one flat parameter vector (tied parameters once), and the
+    model's current vector."""
+    named = dict(model.named_parameters())
+    shapes = [p.shape for p in named.values()]
+    theta = torch.cat([p.detach().reshape(-1) for p in named.values()])
 
     def loss(flat: Tensor) -> Tensor:
         pieces = flat.split([s.numel() for s in shapes])
-        params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes)}
-        return crit(torch.func.functional_call(model, params, (x,)), y)
+        params = {n: t.view(s) for n, t, s in zip(named, pieces, shapes)}
+        return criterion(torch.func.functional_call(model, params, (x,)), y)
 
-    return lambda: torch.func.hessian(loss)(theta).diagonal()
+    return loss, theta
 
 
 # ------------------------------------------------------------------- models outside BackPACK
@@ -135,15 +143,7 @@ def coverage_cases() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
 
 
 def autograd_diagonal(model: nn.Module, criterion: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    named = dict(model.named_parameters())  # tied parameters once, like hesse
-    shapes = [p.shape for p in named.values()]
-    theta = torch.cat([p.detach().reshape(-1) for p in named.values()])
-
-    def loss(flat: Tensor) -> Tensor:
-        pieces = flat.split([s.numel() for s in shapes])
-        params = {n: t.view(s) for n, t, s in zip(named, pieces, shapes)}
-        return criterion(torch.func.functional_call(model, params, (x,)), y)
-
+    loss, theta = flat_loss(model, criterion, x, y)
     # Fused CPU attention kernels have no second derivative; the math kernel has.
     with sdpa_kernel(SDPBackend.MATH):
         return torch.autograd.functional.hessian(loss, theta).diagonal()

@@ -177,3 +177,21 @@ def test_loss_sharpness_beyond_the_dense_limit_uses_lanczos_exactly() -> None:
     h = hesse.loss_hessian_matrix(model, nn.CrossEntropyLoss(), x, y)
     expected = torch.linalg.eigvalsh(h).abs().max()
     assert_close(hesse.loss_sharpness(model, nn.CrossEntropyLoss(), x, y), expected, rtol=1e-9)
+
+
+def test_seed_none_draws_from_the_global_generator_without_reseeding_it() -> None:
+    a = torch.diag(torch.arange(1.0, 101.0, dtype=F64))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        estimate = hesse.trace(a, num_matvecs=6, method="hutchinson").estimate
+        runs.append((estimate, torch.randn(3)))  # the user's own draws stay reproducible
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_hutchpp_with_one_probe_reports_an_unknown_error() -> None:
+    a = torch.diag(torch.arange(1.0, 101.0, dtype=F64))
+    result = hesse.trace(a, num_matvecs=3, method="hutch++", seed=0)  # 1 sketch, 1 probe
+    assert torch.isnan(result.stderr) and torch.isfinite(result.estimate)
+    small = hesse.trace(a[:1, :1], num_matvecs=3, method="hutch++", seed=0)  # sketch spans all
+    assert small.stderr == 0 and small.estimate == 1.0

@@ -9,7 +9,6 @@ the same result.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Shard", "resolve_shard"]
+__all__ = ["Shard", "global_seed", "resolve_shard"]
 
 
 @dataclass(frozen=True)
@@ -49,11 +48,16 @@ class Shard:
         return [p.tolist() for p in parts]
 
     def common_seed(self) -> int:
-        """A fresh random seed, the same on every rank (rank 0's)."""
-        seed = torch.tensor([random.getrandbits(62)], dtype=torch.int64, device=self.device)
+        """A seed from rank 0's global torch generator, the same on every rank."""
+        seed = torch.tensor([global_seed()], dtype=torch.int64, device=self.device)
         if self.distributed:
             dist.broadcast(seed, src=dist.get_global_rank(self.group, 0), group=self.group)
         return int(seed.item())
+
+
+def global_seed() -> int:
+    """A seed drawn from torch's global generator (advanced, never reseeded)."""
+    return int(torch.randint(2**62, (), dtype=torch.int64))
 
 
 def resolve_shard(process_group: Any, distributed: bool | None, device: torch.device) -> Shard:

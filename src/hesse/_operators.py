@@ -357,14 +357,18 @@ class CurvatureOperator:
 
         first, second = fingerprints(), fingerprints()
         for index, (a, b) in enumerate(zip(first, second)):
-            if a != b:
-                what = "data" if a[1] != b[1] else "loss"
-                raise ValueError(
-                    f"data: two passes over the data differ at batch {index} ({what}: {a} vs "
-                    f"{b}), so products would not come from one matrix. Use a DataLoader with "
-                    "shuffle=False and no random augmentation, and a model without randomness "
-                    "in eval mode."
-                )
+            if a == b:
+                continue
+            if a[1] != b[1]:
+                cause = f"the data changed (sums {a[1]!r} vs {b[1]!r}): shuffling or augmentation"
+            else:
+                cause = f"same data, loss {a[0]!r} vs {b[0]!r}: randomness in the model"
+            raise ValueError(
+                f"check_deterministic: two passes over the data differ at batch {index} "
+                f"({cause}), so products would not come from one matrix. Use a DataLoader with "
+                "shuffle=False and no random augmentation, and a model without randomness in "
+                "eval mode."
+            )
 
 
 class HessianOperator(CurvatureOperator):

@@ -2,8 +2,9 @@
 
 Every function takes ``A`` as a dense symmetric tensor ``(N, N)`` or an object with ``shape``,
 ``dtype``, ``device`` and ``A @ V`` for ``V`` of shape ``(N, K)`` (every hesse operator), draws
-its random vectors from an explicit ``seed`` or ``torch.Generator``, and returns a frozen
-dataclass with diagnostics.
+its random vectors from an explicit ``seed`` or ``torch.Generator`` (``seed=None``: a seed drawn
+from torch's global generator, so ``torch.manual_seed`` makes a call reproducible), and returns
+a frozen dataclass with diagnostics.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from hesse._distributed import global_seed
 
 __all__ = [
     "EigenResult",
@@ -80,9 +83,11 @@ def _generator(seed: Seed, lin: _Linear) -> torch.Generator:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed: expected an int, a torch.Generator or None, got {seed!r}.")
     if seed is None:
-        # Under torch.distributed every rank must draw the same probes: rank 0's seed.
+        # Drawn from torch's global generator, as torch.randn would: torch.manual_seed makes
+        # the call reproducible, and nothing is reseeded. Under torch.distributed every rank
+        # must draw the same probes: rank 0's seed.
         distributed = lin.shard is not None and lin.shard.distributed
-        seed = lin.shard.common_seed() if distributed else torch.seed() % 2**63
+        seed = lin.shard.common_seed() if distributed else global_seed()
     g = torch.Generator(device=lin.device)
     g.manual_seed(seed)
     return g
@@ -282,7 +287,7 @@ class TraceResult:
     Attributes:
         estimate: 0-dim tensor, unbiased.
         stderr: 0-dim tensor, the standard error of the estimate (from the spread of the
-            probes; 0 when the estimate is exact).
+            probes; 0 when the estimate is exact, NaN when a single probe leaves it unknown).
         num_matvecs: Products with ``A`` used.
     """
 
@@ -326,8 +331,10 @@ def trace(
     images = lin.matmat(torch.cat([q, z], dim=1))
     exact = (q * images[:, : q.shape[1]]).sum()
     samples = (z * images[:, q.shape[1] :]).sum(0)
-    if samples.numel() < 2 or q.shape[1] >= lin.n:
+    if q.shape[1] >= lin.n:  # the sketch spans everything: the trace is exact
         return TraceResult(exact + samples.mean(), torch.zeros((), dtype=lin.dtype), m)
+    if samples.numel() < 2:  # one probe: no spread to estimate the error from
+        return TraceResult(exact + samples.mean(), torch.full((), math.nan, dtype=lin.dtype), m)
     return TraceResult(exact + samples.mean(), samples.std() / math.sqrt(probes), m)
 
 
