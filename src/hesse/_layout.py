@@ -122,11 +122,14 @@ class ParamLayout:
             if lo < hi_w and lo + size > lo_w
         ]
 
+        # The overlaps partition the window: one split, whose backward is one concatenation
+        # (slicing each block would zero-fill and add a full-size gradient per block).
+        sizes = [min(hi, hi_w) - max(lo, lo_w) for _, _, lo, hi in parts]
+
         def params_of(t: Tensor) -> dict[str, Tensor]:
             out = {}
-            for name, shape, lo, hi in parts:
+            for (name, shape, lo, hi), inner in zip(parts, t.split(sizes)):
                 a, b = max(lo, lo_w), min(hi, hi_w)
-                inner = t[a - lo_w : b - lo_w]
                 if a > lo or b < hi:
                     inner = torch.cat([base[lo:a], inner, base[b:hi]])
                 out[name] = inner.view(shape)
