@@ -59,3 +59,13 @@ def test_docs_pages_are_in_the_nav() -> None:
     nav = (ROOT / "mkdocs.yml").read_text()
     for page in PAGES[1:]:
         assert str(page.relative_to(ROOT / "docs")) in nav, f"{page} is not in mkdocs.yml's nav"
+
+
+def test_api_reference_covers_the_public_surface() -> None:
+    import hesse
+
+    documented = "".join(p.read_text() for p in (ROOT / "docs" / "reference").glob("*.md"))
+    missing = [
+        n for n in hesse.__all__ if n != "__version__" and f"::: hesse.{n}\n" not in documented
+    ]
+    assert not missing, f"not in docs/reference/*.md: {missing}"
