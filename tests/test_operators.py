@@ -107,6 +107,10 @@ def test_operator_matches_dense_reference_over_unequal_batches(
         v = torch.randn(op.shape[0], 5, generator=torch.Generator().manual_seed(0), dtype=F64)
         assert_close(op @ v, expected @ v)
         assert_close(op @ v[:, 0], expected @ v[:, 0])
+        # Many columns take other paths (the Fisher: per-sample gradients instead of the loss
+        # vector's Jacobian products).
+        wide = torch.randn(op.shape[0], 20, generator=torch.Generator().manual_seed(1), dtype=F64)
+        assert_close(op @ wide, expected @ wide)
         assert_close(op.to_dense(), expected)
         assert_close(op.diagonal(), expected.diagonal())
 

@@ -551,6 +551,13 @@ class GGNOperator(CurvatureOperator):
         return out
 
 
+# Up to this many columns, empirical Fisher products go through the per-sample loss vector
+# instead of the (B, N) per-sample gradients. Measured (MLP 64-96-96-10, N = 16,522, batch 512):
+# 1 column 10.6 ms against 36 ms, 32 columns 37 ms against 43 ms, 128 columns 201 ms against
+# 59 ms; writing the (B, N) gradients dominates for few columns, their reuse for many.
+_FISHER_DIRECT_COLUMNS = 16
+
+
 class EmpiricalFisherOperator(CurvatureOperator):
     r"""The empirical Fisher $c \sum_i g_i g_i^\top$ over all samples ``i``.
 
@@ -582,8 +589,29 @@ class EmpiricalFisherOperator(CurvatureOperator):
         return 1.0 / batch.size if self.reduction == "mean" else 1.0
 
     def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
+        if tangents.shape[0] <= _FISHER_DIRECT_COLUMNS:
+            try:
+                return self._scale(batch) * self._products_through_losses(batch, theta, tangents)
+            except (RuntimeError, NotImplementedError):
+                pass  # the per-sample path below computes the same, or says what failed
         g = self._per_sample_gradients(batch, theta)
         return self._scale(batch) * (tangents @ g.T) @ g
+
+    @_vectorised
+    def _products_through_losses(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
+        """``Σ_i g_i (g_iᵀ v)`` without the ``(B, N)`` gradients: ``gᵢᵀ v`` for every sample
+        is one Jacobian-vector product of the per-sample loss vector ``ℓ(θ)`` and the sum one
+        vector-Jacobian product, ``J_ℓᵀ (J_ℓ v)``; cheaper for a few columns."""
+        g = sample_loss_function(self.model, self.layout.unflatten, self.criterion)
+        dims = (None, 0, *(0,) * len(batch.inputs))
+
+        def losses(t: Tensor) -> Tensor:
+            return vmap(g, in_dims=dims)(t, batch.target, *batch.inputs)  # (B,)
+
+        loss_vector, jt = vjp(losses, theta)[:2]
+        # J v without forward mode (nn.LSTM has none): the VJP of the linear map c -> Jᵀ c.
+        j = vjp(lambda c: jt(c)[0], torch.zeros_like(loss_vector))[1]
+        return vmap(lambda v: jt(j(v)[0])[0])(tangents)
 
     def _batch_dense(self, batch: Batch, theta: Tensor) -> Tensor:
         g = self._per_sample_gradients(batch, theta)
