@@ -13,6 +13,7 @@ peers'; ``to_dense()`` with hesse's exact dense path; and the peak memory of one
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,8 @@ from bench_dense import mlp
 import hesse
 
 K = 32
+# `--device cuda` times the K = 32 tables on a GPU (children read it from the environment).
+DEVICE = torch.device(os.environ.get("HESSE_BENCH_DEVICE", "cpu"))
 
 
 def problem(
@@ -46,9 +49,9 @@ def problem(
     """A model, a loss and data: a list of batches, or a DataLoader (whose per-sample indexing
     and collation would otherwise dominate the timing of one product at this size)."""
     torch.manual_seed(0)
-    model = mlp(widths)
-    x = torch.randn(batch * batches, widths[0])
-    y = torch.randint(0, widths[-1], (batch * batches,))
+    model = mlp(widths).to(DEVICE)
+    x = torch.randn(batch * batches, widths[0]).to(DEVICE)
+    y = torch.randint(0, widths[-1], (batch * batches,)).to(DEVICE)
     if loader:
         return model, nn.CrossEntropyLoss(), DataLoader(TensorDataset(x, y), batch_size=batch)
     return model, nn.CrossEntropyLoss(), list(zip(x.split(batch), y.split(batch)))
@@ -56,7 +59,20 @@ def problem(
 
 def _vectors(model: nn.Module, k: int) -> Tensor:
     n = sum(p.numel() for p in model.parameters())
-    return torch.randn(n, k, generator=torch.Generator().manual_seed(1))
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+
+def synced(run: Callable[[], Any]) -> Callable[[], Any]:
+    """On a GPU, a timed call ends when its kernels have finished."""
+    if DEVICE.type != "cuda":
+        return run
+
+    def call() -> Any:
+        out = run()
+        torch.cuda.synchronize()
+        return out
+
+    return call
 
 
 def hesse_matmat(
@@ -65,14 +81,14 @@ def hesse_matmat(
     model, crit, data = problem(widths, batch, batches, loader)
     op = hesse.HessianOperator(model, crit, data)
     v = _vectors(model, k)
-    return (lambda: op @ v) if k > 1 else (lambda: op @ v[:, 0])
+    return synced((lambda: op @ v) if k > 1 else (lambda: op @ v[:, 0]))
 
 
 def hesse_singles(widths: list[int], batch: int, k: int, batches: int = 1) -> Callable[[], Any]:
     model, crit, data = problem(widths, batch, batches)
     op = hesse.HessianOperator(model, crit, data)
     v = _vectors(model, k)
-    return lambda: [op @ v[:, i] for i in range(k)]
+    return synced(lambda: [op @ v[:, i] for i in range(k)])
 
 
 def func_singles(widths: list[int], batch: int, k: int) -> Callable[[], Any]:
@@ -100,7 +116,7 @@ def func_singles(widths: list[int], batch: int, k: int) -> Callable[[], Any]:
 
         return grad(dot)(params)
 
-    return lambda: [one(v[:, i]) for i in range(k)]
+    return synced(lambda: [one(v[:, i]) for i in range(k)])
 
 
 def shared_gradient(widths: list[int], batch: int) -> Callable[[], Any]:
@@ -179,6 +195,8 @@ SPECS: dict[str, Callable[[], Callable[[], Any]]] = {
     "quick/eigenthings": lambda: eigenthings_matvec([8, 16, 4], 32),
 }
 WARM = ("quick/hesse", "quick/hesse_1", "quick/curvlinops", "quick/eigenthings")
+if DEVICE.type != "cpu":  # GPU runs time hesse and torch.func only; the peers need not be there
+    WARM = WARM[:2]
 GROUPS = {
     "k32": ["k32/hesse_matmat", "k32/hesse_singles", "k32/func_singles", "k32/gradient"],
     "k32small": ["k32small/hesse_matmat", "k32small/hesse_singles", "k32small/func_singles"],
@@ -200,7 +218,12 @@ def report(results: dict[str, dict[str, Any]], rounds: int) -> str:
 
     lines = [
         "Command: `python benchmarks/bench_operators.py`  ",
-        f"{THREADS} threads, float32, medians of {rounds} round-robin rounds.",
+        f"{THREADS} threads, float32, medians of {rounds} round-robin rounds"
+        + (
+            f", on {device}."
+            if (device := os.environ.get("HESSE_BENCH_DEVICE", "cpu")) != "cpu"
+            else "."
+        ),
         "",
         f"### Products, cross-entropy MLP 64-96-96-10, batch 512, N = {n_main:,}",
         "",
@@ -289,7 +312,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=sorted(GROUPS), help="run one table, print only")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda with --only (print only)")
     args = parser.parse_args()
+    os.environ["HESSE_BENCH_DEVICE"] = args.device
+    if args.device != "cpu" and not args.only:
+        parser.error("--device other than cpu needs --only (the docs tables are CPU runs)")
     results: dict[str, dict[str, Any]] = {}
     groups = ["quick"] if args.quick else ["k32", "k32x2", "k32small", "hvp", "hvp2", "dense"]
     if args.only:

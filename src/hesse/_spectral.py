@@ -488,12 +488,14 @@ def spectral_density(
     span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
     width = sigma if sigma is not None else 0.01 * span
     if isinstance(grid, Tensor):
-        points = grid.to(lin.dtype)
+        points = grid.to(device=lin.device, dtype=lin.dtype)
     else:
         count = _positive_int("grid", grid, 2)
-        points = torch.linspace(lo - 5 * width, hi + 5 * width, count, dtype=lin.dtype)
-    kernel = torch.exp(-0.5 * ((points[:, None] - nodes.reshape(1, -1).cpu()) / width) ** 2)
-    density = kernel @ weights.reshape(-1).cpu() / (width * math.sqrt(2 * math.pi))
+        points = torch.linspace(
+            lo - 5 * width, hi + 5 * width, count, dtype=lin.dtype, device=lin.device
+        )
+    kernel = torch.exp(-0.5 * ((points[:, None] - nodes.reshape(1, -1)) / width) ** 2)
+    density = kernel @ weights.reshape(-1) / (width * math.sqrt(2 * math.pi))
     mass = torch.trapezoid(density, points)
     density = density / mass
     return SpectralDensity(points, density, nodes, weights, width, probes * steps)
