@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from cases import oracle_hessian
 from torch import nn
 
 import hesse
@@ -82,17 +83,10 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 
 
 def _flat_loss_hessian(model: nn.Module, criterion: Any, x: Any, y: Any) -> torch.Tensor:
-    """Independent reference: autograd.functional.hessian of the loss of a flat vector."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(flat: torch.Tensor) -> torch.Tensor:
-        pieces = flat.split([s.numel() for s in shapes])
-        params = {n: t.view(s) for n, t, s in zip(names, pieces, shapes)}
-        return criterion(torch.func.functional_call(model, params, (x,)), y)
-
-    return torch.autograd.functional.hessian(loss, theta)
+    """Independent reference: the registry's autograd.functional.hessian oracle."""
+    return oracle_hessian(
+        model, lambda ps: criterion(torch.func.functional_call(model, ps, (x,)), y)
+    )
 
 
 def test_eigenvalues_and_trace_match_the_dense_hessian(

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import hesse
-from hesse._figures import have_matplotlib, hessian_heatmap
+from hesse._figures import NO_MATPLOTLIB, have_matplotlib, hessian_heatmap
 from hesse._operators import CurvatureOperator
 
 __all__ = ["CommandError", "Request", "run"]
@@ -70,7 +70,7 @@ class Request:
         """Top-5 eigenvalues, the trace and the density when no analysis was named."""
         if self.top_k or self.bottom_k or self.trace or self.density:
             return self
-        return Request(**{**self.__dict__, "top_k": 5, "trace": True, "density": True})
+        return replace(self, top_k=5, trace=True, density=True)
 
 
 # --------------------------------------------------------------------------------- loading
@@ -355,7 +355,7 @@ def _write(out: Path, report: dict[str, Any], figures: list[Figure]) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if figures and not have_matplotlib():
-        print("(matplotlib is not installed: pip install 'hesse[plot]' for the PNG figures)")
+        print(NO_MATPLOTLIB)
         figures = []
     for name, draw in figures:
         draw(out / name)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hesse
-from hesse._figures import have_matplotlib, hessian_heatmap
+from hesse._figures import NO_MATPLOTLIB, have_matplotlib, hessian_heatmap
 
 __all__ = ["MimoModel", "run", "trained_classifier"]
 
@@ -135,7 +135,7 @@ def _network_example(out: Path, report: dict[str, Any]) -> list[Path]:
         "density_nodes_max": density.nodes.max().item(),
     }
     if not have_matplotlib():
-        print("(matplotlib is not installed: pip install 'hesse[plot]' for the PNG figures)")
+        print(NO_MATPLOTLIB)
         return []
     density_path = out / "spectral_density.png"
     density.plot(density_path)

@@ -176,7 +176,7 @@ def _sample_loss_curvature(
 def _alternatives(c: _Curvature, *, diagonal: bool = True) -> list[Alternative]:
     """Cheaper calls than a dense result, with their result sizes; ``diagonal=False`` when
     the failing call is the diagonal itself."""
-    itemsize = torch.empty((), dtype=c.layout.dtype).element_size()
+    itemsize = c.layout.dtype.itemsize
     lanes = math.prod(c.lead)
     options: list[Alternative] = []
     if diagonal:

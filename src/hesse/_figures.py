@@ -8,7 +8,9 @@ from torch import Tensor
 
 from hesse._layout import ParamLayout
 
-__all__ = ["have_matplotlib", "hessian_heatmap"]
+__all__ = ["NO_MATPLOTLIB", "have_matplotlib", "hessian_heatmap"]
+
+NO_MATPLOTLIB = "(matplotlib is not installed: pip install 'hesse[plot]' for the PNG figures)"
 
 
 def have_matplotlib() -> bool:

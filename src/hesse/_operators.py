@@ -341,7 +341,7 @@ class CurvatureOperator:
             activations=lambda: 0,
             alternatives=[
                 ("products op @ V with fewer columns", None),
-                ("op.diagonal()", shape[-1] * torch.empty((), dtype=self.dtype).element_size()),
+                ("op.diagonal()", shape[-1] * self.dtype.itemsize),
                 ("params=[...]", None),
             ],
         )
@@ -488,6 +488,23 @@ class HessianOperator(CurvatureOperator):
         return diagonal_from_columns(self._columns(batch, theta), n, (), TARGET_COLUMNS, theta)
 
 
+def _jacobian_products(
+    f: Callable[[Tensor], Tensor], theta: Tensor, what: str
+) -> tuple[Tensor, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """``f(θ)`` with its Jacobian products ``v ↦ J v`` and ``u ↦ Jᵀ u``, one forward pass.
+
+    ``J v`` needs no forward mode (``nn.LSTM`` has none): it is the VJP of the linear map
+    ``u ↦ Jᵀ u``.
+    """
+    value, jt = vjp(f, theta)[:2]
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"model: {what} needs the model to return one tensor, got {type(value).__name__}."
+        )
+    j = vjp(lambda u: jt(u)[0], torch.zeros_like(value))[1]
+    return value, lambda v: j(v)[0], lambda u: jt(u)[0]
+
+
 class GGNOperator(CurvatureOperator):
     r"""The generalised Gauss-Newton matrix $\sum_b w_b J_b^\top H_b J_b$.
 
@@ -507,29 +524,17 @@ class GGNOperator(CurvatureOperator):
         def outputs(t: Tensor) -> Tensor:
             return torch.func.functional_call(self.model, self.layout.unflatten(t), batch.inputs)
 
-        z, jt = vjp(outputs, theta)[:2]
-        if not isinstance(z, Tensor):
-            raise TypeError(
-                f"model: the GGN needs the model to return one tensor, got {type(z).__name__}."
-            )
-        # J v without forward mode (nn.LSTM has none): the VJP of the linear map u -> J^T u.
-        j = vjp(lambda u: jt(u)[0], torch.zeros_like(z))[1]
+        z, j, jt = _jacobian_products(outputs, theta, "the GGN")
 
         def loss_of_outputs(out: Tensor) -> Tensor:
             return self.criterion(out, batch.target)
 
         h = vjp(grad(loss_of_outputs), z.detach())[1]
 
-        def jvp_(v: Tensor) -> Tensor:
-            return j(v)[0]
-
         def hvp_(u: Tensor) -> Tensor:
             return h(u)[0]
 
-        def vjp_(u: Tensor) -> Tensor:
-            return jt(u)[0]
-
-        return jvp_, hvp_, vjp_, tuple(z.shape)
+        return j, hvp_, jt, tuple(z.shape)
 
     @_vectorised
     def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
@@ -569,6 +574,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
     gradients; it is what ``torch.func`` per-sample gradients give.
     """
 
+    _through_losses = True  # products of few columns via the loss vector, until that fails
+
     @_vectorised
     def _per_sample_gradients(self, batch: Batch, theta: Tensor) -> Tensor:
         g = sample_loss_function(self.model, self.layout.unflatten, self.criterion)
@@ -589,11 +596,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
         return 1.0 / batch.size if self.reduction == "mean" else 1.0
 
     def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
-        if tangents.shape[0] <= _FISHER_DIRECT_COLUMNS:
+        if tangents.shape[0] <= _FISHER_DIRECT_COLUMNS and self._through_losses:
             try:
                 return self._scale(batch) * self._products_through_losses(batch, theta, tangents)
             except (RuntimeError, NotImplementedError):
-                pass  # the per-sample path below computes the same, or says what failed
+                # Not for this model (vmap over samples): the per-sample path computes the
+                # same, or says what failed; later products go there directly.
+                self._through_losses = False
         g = self._per_sample_gradients(batch, theta)
         return self._scale(batch) * (tangents @ g.T) @ g
 
@@ -608,10 +617,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
         def losses(t: Tensor) -> Tensor:
             return vmap(g, in_dims=dims)(t, batch.target, *batch.inputs)  # (B,)
 
-        loss_vector, jt = vjp(losses, theta)[:2]
-        # J v without forward mode (nn.LSTM has none): the VJP of the linear map c -> Jᵀ c.
-        j = vjp(lambda c: jt(c)[0], torch.zeros_like(loss_vector))[1]
-        return vmap(lambda v: jt(j(v)[0])[0])(tangents)
+        _, j, jt = _jacobian_products(losses, theta, "the empirical Fisher")
+        return vmap(lambda v: jt(j(v)))(tangents)
 
     def _batch_dense(self, batch: Batch, theta: Tensor) -> Tensor:
         g = self._per_sample_gradients(batch, theta)
