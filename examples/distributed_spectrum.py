@@ -11,12 +11,15 @@ GPUs (NCCL, one GPU per rank):
 Each rank builds the same model and takes its shard of the dataset with a DistributedSampler;
 hesse's operators all-reduce every product, so every rank computes the same eigenvalues, trace
 and density as one process over the whole dataset would. Only rank 0 prints and writes files.
+Each rank leaves with ``os._exit`` once its work is done (see the end of this file).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -65,4 +68,18 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # gloo processes that ran torch.func code can abort at interpreter exit, after their work
+    # is done ("terminate called without an active exception"), and torchrun would report a
+    # failed job: flush and leave without the interpreter's teardown, with the right status.
+    status = 1
+    try:
+        main()
+        status = 0
+    except SystemExit as exit_:  # --help, a bad flag
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hesse._demo import MimoModel  # the seed README's model, shared with `hesse demo`
+from hesse.cli._demo import MimoModel  # the seed README's model, shared with `hesse demo`
 
 DTYPE = torch.float64
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
-from hesse.cli import main
+import hesse
+from hesse.cli import _demo, main
+from hesse.cli._figures import have_matplotlib, hessian_heatmap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +53,62 @@ def test_help_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_demo_refuses_a_file_as_out_before_any_work(
+    under: bool, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    file = tmp_path / "report.txt"
+    file.write_text("mine")
+    out = file / "demo" if under else file
+    assert main(["demo", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the seed example and the training
+    assert captured.err.startswith(f"hesse demo: error: --out {out}: ")
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert file.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["report.txt"]
+
+
+def test_demo_writes_nothing_when_a_figure_fails(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def network(report: dict[str, Any]) -> list[Any]:  # the demo's figures, without the work
+        report["network"] = {}
+
+        def broken(path: Any) -> None:
+            raise RuntimeError("no room for the colour bar")
+
+        return [
+            ("spectral_density.png", lambda path: Path(path).write_bytes(b"PNG")),
+            ("hessian_heatmap.png", broken),
+        ]
+
+    monkeypatch.setattr(_demo, "_network_example", network)
+    monkeypatch.setattr(_demo, "have_matplotlib", lambda: True)
+    with pytest.raises(RuntimeError, match="colour bar"):
+        main(["demo", "--out", str(tmp_path / "demo")])
+    assert list(tmp_path.iterdir()) == []  # no spectral_density.png without its report
+
+
+def test_heatmap_leaves_the_matplotlib_backend_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heat map draws on a Figure of its own: no pyplot, no backend switch (a notebook's
+    inline backend must survive ``hesse.cli``'s figures)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    before = matplotlib.get_backend()
+    other = "svg" if before.lower() != "svg" else "pdf"  # not Agg, like a notebook's
+    matplotlib.use(other)
+    try:
+        monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # importing it would fail
+        assert have_matplotlib()
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+        layout = hesse.ParamLayout.from_module(model)
+        buffer = io.BytesIO()
+        hessian_heatmap(torch.randn(layout.numel, layout.numel), layout, buffer, "title")
+        assert buffer.getvalue()[:4] == b"\x89PNG"
+        assert matplotlib.get_backend() == other
+    finally:
+        monkeypatch.undo()
+        matplotlib.use(before)

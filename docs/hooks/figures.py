@@ -13,8 +13,8 @@ from typing import Any
 from mkdocs.structure.files import File, Files
 
 import hesse
-from hesse._demo import trained_classifier
-from hesse._figures import have_matplotlib, hessian_heatmap
+from hesse.cli._demo import trained_classifier
+from hesse.cli._figures import have_matplotlib, hessian_heatmap
 
 
 def _png(draw: Any) -> bytes:

@@ -2,7 +2,8 @@
 
 ``FUNC()`` returns ``(model, criterion, data)``; the command builds the requested operator over
 ``data``, runs the spectral tools on it with progress bars, prints a report and writes
-``report.json`` and figures. Under ``torchrun`` it joins the process group before calling
+``report.json`` and figures. ``--out`` is checked before anything is imported, and filled all at
+once (`hesse.cli._output`). Under ``torchrun`` it joins the process group before calling
 ``FUNC`` (which then gives each rank its shard), the operator all-reduces its products, and only
 rank 0 prints and writes.
 """
@@ -16,7 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -27,8 +28,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import hesse
-from hesse._figures import NO_MATPLOTLIB, have_matplotlib, hessian_heatmap
+from hesse._distributed import Shard
 from hesse._operators import CurvatureOperator
+from hesse._protocol import Operator
+from hesse.cli._figures import NO_MATPLOTLIB, Drawing, have_matplotlib, hessian_heatmap
+from hesse.cli._output import CommandError, check, staged
 
 __all__ = ["CommandError", "Request", "run"]
 
@@ -43,10 +47,6 @@ HEATMAP_LIMIT = 256
 
 _HINT = " (run again with --traceback to see where)"
 _PACKAGE = Path(hesse.__file__).resolve().parent
-
-
-class CommandError(Exception):
-    """A mistake the user can fix, reported as one line without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,15 @@ def _describe(err: BaseException) -> str:
 # ----------------------------------------------------------------------------- distribution
 
 
+def writes_results() -> bool:
+    """Whether this process writes the results: rank 0 of a torchrun launch, or the only one."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextmanager
 def process_group() -> Iterator[int]:
     """Join the ``torchrun`` process group (if launched by it) and yield this rank."""
@@ -171,13 +180,31 @@ def process_group() -> Iterator[int]:
 # ------------------------------------------------------------------------------- analysis
 
 
-class _Counted:
-    """An operator that advances a progress bar by the columns of each product."""
+class _Counted(Operator):
+    """An operator that advances a progress bar by the columns of each product; it passes on
+    the operator's shard (the ranks' common probes) and sessions (its kept graph)."""
 
     def __init__(self, op: CurvatureOperator, bar: Any) -> None:
         self.op, self.bar = op, bar
-        self.shape, self.dtype, self.device = op.shape, op.dtype, op.device
-        self.shard = op.shard
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.op.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.op.device
+
+    @property
+    def shard(self) -> Shard:
+        return self.op.shard
+
+    def session(self) -> AbstractContextManager[None]:
+        return self.op.session()
 
     def __matmul__(self, v: Tensor) -> Tensor:
         out = self.op @ v
@@ -239,10 +266,7 @@ def _print_eigen(title: str, section: dict[str, Any], say: Callable[[str], None]
         say(f"  {i:3d}  {value: .6e}   residual {residual:.1e}  {state}")
 
 
-Figure = tuple[str, Callable[[Path], Any]]  # a file name and what draws it there
-
-
-def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Figure]]:
+def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Drawing]]:
     """Run the analysis; print (on rank 0) and return the report and its figures."""
     say: Callable[[str], None] = print if rank == 0 else (lambda _: None)
     progress = _Progress(request.progress and rank == 0)
@@ -266,7 +290,7 @@ def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Figure]]:
         "world_size": world,
         "seed": request.seed,
     }
-    figures: list[Figure] = []
+    figures: list[Drawing] = []
     total = sum(p.numel() for p in model.parameters())
     say(f"hesse analyze {request.target}")
     say(
@@ -351,36 +375,36 @@ def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Figure]]:
     return report, figures
 
 
-def _write(out: Path, report: dict[str, Any], figures: list[Figure]) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+def _write(out: Path, report: dict[str, Any], figures: list[Drawing]) -> list[Path]:
+    """Write the report and figures into ``out``, all or nothing; return the paths."""
     if figures and not have_matplotlib():
         print(NO_MATPLOTLIB)
         figures = []
-    for name, draw in figures:
-        draw(out / name)
-        written.append(out / name)
-    report["figures"] = [str(p) for p in written]
-    path = out / "report.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return [path, *written]
+    report["figures"] = [str(out / name) for name, _ in figures]
+    with staged(out) as folder:
+        for name, draw in figures:
+            draw(folder / name)
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return [out / "report.json", *(out / name for name, _ in figures)]
 
 
 def run(request: Request) -> int:
     """Run ``hesse analyze``; a `CommandError` carries a one-line message for the user."""
     request = request.with_defaults()
+    if writes_results():
+        check(request.out)  # before the user's file is imported: nothing spent on a bad --out
     with process_group() as rank:
         try:
             report, figures = analyze(request, rank)
+            if rank == 0:
+                written = _write(request.out, report, figures)
+                print("\nwrote " + ", ".join(str(p) for p in written))
         except CommandError:
             raise
         except Exception as err:
             if request.traceback:
                 raise
             raise CommandError(_explain(err)) from err
-        if rank == 0:
-            written = _write(request.out, report, figures)
-            print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 
 

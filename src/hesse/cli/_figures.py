@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
 from hesse._layout import ParamLayout
 
-__all__ = ["NO_MATPLOTLIB", "have_matplotlib", "hessian_heatmap"]
+__all__ = ["NO_MATPLOTLIB", "Drawing", "have_matplotlib", "hessian_heatmap"]
 
 NO_MATPLOTLIB = "(matplotlib is not installed: pip install 'hesse[plot]' for the PNG figures)"
 
+Drawing = tuple[str, Callable[[Any], Any]]  # a file name and what draws it at a given path
+
 
 def have_matplotlib() -> bool:
-    """Whether matplotlib imports; selects the file-only Agg backend when it does."""
+    """Whether matplotlib imports (the figures need nothing else: no backend is selected)."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError:
         return False
-    matplotlib.use("Agg", force=False)
     return True
 
 
@@ -27,15 +29,18 @@ def hessian_heatmap(h: Tensor, layout: ParamLayout, path: Any, title: str) -> An
     """Save a heat map of a square matrix with its parameter blocks outlined and named.
 
     Colours are symmetric-logarithmic: a few large entries would otherwise wash out the
-    structure of the rest. ``path``: a file name or a binary file object (PNG).
+    structure of the rest. ``path``: a file name or a binary file object (PNG). Drawn on a
+    `matplotlib.figure.Figure` of its own, without pyplot: the process's backend (a notebook's
+    inline one, say) and pyplot's current figure are left alone.
     """
-    import matplotlib
-    import matplotlib.pyplot as plt
+    from matplotlib.colors import SymLogNorm
+    from matplotlib.figure import Figure
 
     matrix: Any = h.detach().cpu().double().numpy()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.add_subplot()
     limit = float(abs(matrix).max()) or 1.0
-    norm = matplotlib.colors.SymLogNorm(linthresh=limit * 1e-3, vmin=-limit, vmax=limit)
+    norm = SymLogNorm(linthresh=limit * 1e-3, vmin=-limit, vmax=limit)
     image = ax.imshow(matrix, cmap="RdBu_r", norm=norm, interpolation="nearest")
     for offset in layout.offsets[1:]:
         ax.axhline(offset - 0.5, color="k", lw=0.5)
@@ -45,6 +50,5 @@ def hessian_heatmap(h: Tensor, layout: ParamLayout, path: Any, title: str) -> An
     ax.set_yticks(centres, layout.names, fontsize=7)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # a Figure's own Agg canvas
     return path

@@ -2,7 +2,8 @@
 
 ``hesse demo`` runs the built-in example offline, in seconds; ``hesse analyze FILE.py:FUNC``
 analyses the curvature of the model, loss and data that ``FUNC()`` returns. Mistakes a user can
-fix are reported in one line with a non-zero exit status, never as a traceback.
+fix are reported in one line with a non-zero exit status, never as a traceback. Under
+``torchrun`` the process leaves with `os._exit` once its results are written (see `main`).
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import hesse
-from hesse import _analyze, _demo
+from hesse.cli import _analyze, _demo
+from hesse.cli._output import CommandError
 
 __all__ = ["main"]
 
@@ -34,14 +38,23 @@ rank its shard of the data); products are summed over the ranks and only rank 0 
 """
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+    wanted = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive = _at_least(1)
 
 
 def _integer(text: str) -> int:
@@ -102,10 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--density", action="store_true", help="spectral density plot (SLQ)")
     analyze.add_argument(
         "--trace-matvecs",
-        type=_positive,
+        type=_at_least(3),  # Hutch++ spends a third on each of its three parts
         default=90,
         metavar="M",
-        help="products spent on the trace (default: %(default)s)",
+        help="products spent on the trace, at least 3 (default: %(default)s)",
     )
     analyze.add_argument(
         "--curvature",
@@ -145,21 +158,52 @@ def _run(args: argparse.Namespace) -> int:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hesse`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _status(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except _analyze.CommandError as err:
+    except CommandError as err:
         if getattr(args, "traceback", False):
             raise
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        rank = os.environ.get("RANK") if _under_torchrun() else None
         where = f" [rank {rank}]" if rank is not None else ""
         print(f"hesse {args.command}{where}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"hesse {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _leave(status: int) -> NoReturn:
+    """End a torchrun worker now, skipping the interpreter's teardown.
+
+    A gloo process that ran torch.func code can abort at interpreter exit ("terminate called
+    without an active exception", SIGABRT) after its work is done, and torchrun then reports a
+    failed job. By now the results are written and the process group is destroyed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hesse`` console script; returns the exit status.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it does not return: the process leaves with
+    `os._exit` and the exit status once output is flushed, also after an error.
+    """
+    args = _parser().parse_args(argv)
+    if not _under_torchrun():
+        return _status(args)
+    try:
+        status = _status(args)
+    except BaseException:  # --traceback, or a bug: show it, then leave all the same
+        traceback.print_exc()
+        status = 1
+    _leave(status)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import hesse
-from hesse._figures import NO_MATPLOTLIB, have_matplotlib, hessian_heatmap
+from hesse.cli._figures import NO_MATPLOTLIB, Drawing, have_matplotlib, hessian_heatmap
+from hesse.cli._output import check, staged
 
 __all__ = ["MimoModel", "run", "trained_classifier"]
 
@@ -85,7 +86,7 @@ def trained_classifier() -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
     return model, criterion, x, target
 
 
-def _network_example(out: Path, report: dict[str, Any]) -> list[Path]:
+def _network_example(report: dict[str, Any]) -> list[Drawing]:
     print("\n== A small MLP (8-16-16-3, Tanh) trained briefly on generated 3-class data")
     model, criterion, x, target = trained_classifier()
     loss = criterion(model(x), target).item()
@@ -134,28 +135,31 @@ def _network_example(out: Path, report: dict[str, Any]) -> list[Path]:
         "density_nodes_min": density.nodes.min().item(),
         "density_nodes_max": density.nodes.max().item(),
     }
-    if not have_matplotlib():
-        print(NO_MATPLOTLIB)
-        return []
-    density_path = out / "spectral_density.png"
-    density.plot(density_path)
-    heatmap = hessian_heatmap(
-        h,
-        hesse.ParamLayout.from_module(model),
-        out / "hessian_heatmap.png",
-        "Loss Hessian, blocks per parameter",
-    )
-    return [density_path, heatmap]
+    layout = hesse.ParamLayout.from_module(model)
+    title = "Loss Hessian, blocks per parameter"
+    return [
+        ("spectral_density.png", density.plot),
+        ("hessian_heatmap.png", lambda path: hessian_heatmap(h, layout, path, title)),
+    ]
 
 
 def run(out: Path) -> int:
-    """Print the demo and write ``out/report.json`` and its figures."""
+    """Print the demo and write ``out/report.json`` and its figures.
+
+    ``out`` is checked before any work and filled all at once (`hesse.cli._output`).
+    """
+    check(out)
     torch.set_printoptions(precision=4)
-    out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"hesse": hesse.__version__, "torch": torch.__version__}
     _seed_example(report)
-    written = _network_example(out, report)
-    report_path = out / "report.json"
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    print("\nwrote " + ", ".join(str(p) for p in [report_path, *written]))
+    figures = _network_example(report)
+    if not have_matplotlib():
+        print(NO_MATPLOTLIB)
+        figures = []
+    with staged(out) as folder:
+        for name, draw in figures:
+            draw(folder / name)
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    written = [out / "report.json", *(out / name for name, _ in figures)]
+    print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
