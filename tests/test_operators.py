@@ -233,7 +233,9 @@ def test_bad_inputs() -> None:
         hesse.HessianOperator(model, crit, [(x, y), (x[:, :2], y)])
     with pytest.raises(TypeError, match=r"data: batch 0 must be an \(inputs, target\) pair"):
         hesse.HessianOperator(model, crit, [x])
-    with pytest.raises(ValueError, match="reduction: expected 'mean' or 'sum', got 'none'"):
+    with pytest.raises(
+        ValueError, match="reduction: expected 'mean', 'sum' or 'batchmean', got 'none'"
+    ):
         hesse.HessianOperator(model, nn.MSELoss(reduction="none"), (x, y))
     with pytest.raises(ValueError, match="contradicts criterion.reduction='mean'"):
         hesse.HessianOperator(model, crit, (x, y), reduction="sum")
@@ -272,18 +274,23 @@ def test_single_product_of_a_loss_linear_in_the_parameters_is_zero() -> None:
     assert torch.count_nonzero(op @ torch.ones(4, 2, dtype=F64)) == 0
 
 
-def test_one_batch_graph_is_reused_and_follows_changes() -> None:
-    """A one-batch operator keeps its gradient graph, and rebuilds it when anything changes."""
+def test_one_batch_graph_is_kept_within_a_session_only() -> None:
+    """A one-batch operator keeps its gradient graph inside one call of an algorithm (a
+    session), and every product outside one sees the model as it is then."""
     model, crit, x, y = _problem("ce", "mean")
     model[2].weight.requires_grad_(False)
     params = ["0.weight", "2.weight"]  # one of them frozen but named
     op = hesse.HessianOperator(model, crit, (x, y), params=params)
     v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(2), dtype=F64)
-    first = op @ v
-    assert op._graph is not None  # kept for the next product
-    assert_close(op @ v, first)
-    assert not model[2].weight.requires_grad
     expected = hesse.loss_hessian_matrix(model, crit, x, y, params=params) @ v
+    with op.session():
+        first = op @ v
+        assert op._active is not None and op._active.graph is not None  # kept
+        kept = op._active.graph
+        assert_close(op @ v, first)
+        assert op._active.graph is kept  # reused, not rebuilt
+    assert op._active is None  # nothing outlives the session
+    assert not model[2].weight.requires_grad
     assert_close(first, expected)
     with torch.no_grad():
         model[0].weight.mul_(1.5)  # an in-place update, as an optimizer step makes
@@ -292,5 +299,6 @@ def test_one_batch_graph_is_reused_and_follows_changes() -> None:
         x.mul_(0.5)  # the data changed in place
     assert_close(op @ v, hesse.loss_hessian_matrix(model, crit, x, y, params=params) @ v)
     two_batches = hesse.HessianOperator(model, crit, [(x[:8], y[:8]), (x[8:], y[8:])])
-    two_batches @ torch.ones(two_batches.shape[0], dtype=F64)
-    assert two_batches._graph is None  # several batches: no graphs are kept
+    with two_batches.session():
+        two_batches @ torch.ones(two_batches.shape[0], dtype=F64)
+        assert two_batches._active is not None and two_batches._active.graph is None

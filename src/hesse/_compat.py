@@ -1,5 +1,8 @@
 """Workarounds that keep second derivatives correct on torch 2.x, applied during every call.
 
+`second_order_safe` is the one context in which hesse evaluates a model for derivatives, on
+every path (vectorised or plain autograd, dense or operator); nothing else needs remembering.
+
 - torch's forward-AD decompositions are loaded once up front (see `_load_forward_ad`).
 - Fused attention kernels (flash / memory-efficient, CPU and GPU) have no second derivative;
   the MATH backend of ``scaled_dot_product_attention`` has one.
@@ -10,6 +13,20 @@
   evaluated through the same formula written with elementary ops, whose batching rules are
   correct. Batch norm with running statistics (eval mode) and group norm were measured correct
   and are left to their fused kernels.
+- ``torch._weight_norm`` (behind both weight-norm APIs) has a wrong double backward in plain
+  autograd and under torch.func alike: its Hessian was non-symmetric and off by 0.45 against
+  finite differences. It is evaluated as ``v * (g / ‖v‖)`` written with elementary ops.
+- ``nn.Embedding(max_norm=...)`` renormalises its weight in place during forward, which fails
+  on a view of hesse's flat parameters and would change the user's weight: it is done out of
+  place, with the derivative torch's in-place version gives.
+- Dropout is the identity: a random mask would make every product come from another matrix.
+  In eval mode (the default) it is the identity anyway; with ``training=True`` this is the
+  documented choice (the training loss with dropout off), also for ``F.dropout`` called
+  directly with ``training=self.training``.
+- ``torch.utils.checkpoint`` is switched off: recomputation saves memory but does not change
+  values, and the checkpointed function itself is differentiable where the checkpoint is not
+  (torch.func refuses its saved-tensor hooks, and the reentrant variant silently gives no
+  gradient to parameters when no input requires grad).
 """
 
 from __future__ import annotations
@@ -25,7 +42,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["elementary_norms", "math_attention", "second_order_safe"]
+__all__ = ["second_order_safe"]
 
 _forward_ad_ready = False
 
@@ -121,7 +138,54 @@ def _batch_norm_dispatch(*args: Any, **kwargs: Any) -> Tensor:
     return F.batch_norm(*args, **kwargs)
 
 
+def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    if dim == -1:
+        return v * (g / torch.linalg.vector_norm(v))
+    keep = dim % v.ndim
+    norm = torch.linalg.vector_norm(v, dim=[d for d in range(v.ndim) if d != keep], keepdim=True)
+    return v * (g / norm)
+
+
+def _no_dropout(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    return input
+
+
+def _embedding(
+    input: Tensor,
+    weight: Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> Tensor:
+    if max_norm is not None:
+        # torch renormalises the looked-up rows of the weight in place, under no_grad, so that
+        # derivatives are taken at the renormalised values with an identity Jacobian. The same
+        # out of place (a view of hesse's flat parameters cannot be written): value r(w),
+        # derivative of w.
+        with torch.no_grad():
+            norms = torch.linalg.vector_norm(weight, ord=norm_type, dim=1)
+            used = torch.zeros_like(norms).scatter(0, input.reshape(-1), 1.0) > 0
+            scale = torch.where(used & (norms > max_norm), max_norm / (norms + 1e-7), 1.0)
+            shift = weight * (scale[:, None] - 1)
+        weight = weight + shift
+    return F.embedding(input, weight, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
+
+
 _DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Tensor]] = {
+    torch._weight_norm: _weight_norm,
+    F.embedding: _embedding,
+    F.dropout: _no_dropout,
+    F.dropout1d: _no_dropout,
+    F.dropout2d: _no_dropout,
+    F.dropout3d: _no_dropout,
+    F.alpha_dropout: _no_dropout,
+    F.feature_alpha_dropout: _no_dropout,
+    torch.dropout: _no_dropout,
+    torch.alpha_dropout: _no_dropout,
+    torch.feature_dropout: _no_dropout,
+    torch.feature_alpha_dropout: _no_dropout,
     F.layer_norm: _layer_norm,
     torch.layer_norm: _layer_norm,
     F.instance_norm: _instance_norm,
@@ -129,7 +193,7 @@ _DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Tensor]] = {
 }
 
 
-class _ElementaryNorms(TorchFunctionMode):
+class _SecondOrderSafe(TorchFunctionMode):
     def __torch_function__(
         self,
         func: Callable[..., Any],
@@ -141,24 +205,49 @@ class _ElementaryNorms(TorchFunctionMode):
         return (impl or func)(*args, **(kwargs or {}))
 
 
-def math_attention() -> Any:
-    """Attention through the MATH kernel, the only one with a second derivative."""
-    return sdpa_kernel(SDPBackend.MATH)
+class _NoCheckpoint:
+    """Stand-in for the reentrant ``CheckpointFunction``: run the function, keep its graph."""
+
+    @staticmethod
+    def apply(function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        return function(*args)
 
 
-def elementary_norms() -> Any:
-    """Normalisations through elementary ops, whose vmap batching rules are correct.
+def _plain_generator(*args: Any, **kwargs: Any) -> Iterator[None]:
+    """Stand-in for the non-reentrant checkpoint's context generator: no hooks at all."""
+    yield
 
-    Plain autograd (no vmap) does not need it: its norm double-backward is right.
-    """
-    _load_forward_ad()
-    return _ElementaryNorms()
+
+@contextmanager
+def _checkpoint_off() -> Iterator[None]:
+    # ``torch.utils.checkpoint.checkpoint`` looks both names up in its module at call time, so
+    # this reaches models that imported ``checkpoint`` itself, and HuggingFace's partials of it.
+    import torch.utils.checkpoint as ckpt
+
+    names = ("CheckpointFunction", "_checkpoint_without_reentrant_generator")
+    if not all(hasattr(ckpt, n) for n in names):  # another torch: leave checkpoint alone
+        yield
+        return
+    saved = [getattr(ckpt, n) for n in names]
+    setattr(ckpt, names[0], _NoCheckpoint)
+    setattr(ckpt, names[1], _plain_generator)
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved):
+            setattr(ckpt, name, value)
 
 
 @contextmanager
 def second_order_safe() -> Iterator[None]:
-    """Context in which torch.func second derivatives of common layers are correct."""
+    """The context in which hesse differentiates a model twice, on every path.
+
+    Attention runs on the MATH kernel (the only one with a second derivative); norms, weight
+    norm and dropout go through the replacements above; checkpointing is off.
+    """
+    _load_forward_ad()
     with ExitStack() as stack:
-        stack.enter_context(math_attention())
-        stack.enter_context(elementary_norms())
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(_checkpoint_off())
+        stack.enter_context(_SecondOrderSafe())
         yield

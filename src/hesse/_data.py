@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from hesse._validate import normalize_inputs
+from hesse._validate import normal_tensor, normalize_inputs
 
 __all__ = ["Batch", "Dataset", "as_dataset"]
 
@@ -16,15 +16,21 @@ __all__ = ["Batch", "Dataset", "as_dataset"]
 @dataclass(frozen=True)
 class Batch:
     inputs: tuple[Tensor, ...]
-    target: Tensor
+    target: Tensor | None  # None only for a single batch given as such (`hvp`)
 
     @property
     def size(self) -> int:
-        return self.inputs[0].shape[0]
+        first = self.inputs[0]
+        return first.shape[0] if first.ndim else 1  # an unbatched input given to `hvp`
 
     def signature(self) -> tuple[Any, ...]:
         """What every batch of one dataset shares: input count, dtypes and per-sample shapes."""
-        return tuple((x.dtype, tuple(x.shape[1:]), x.device) for x in (*self.inputs, self.target))
+        tensors = (*self.inputs, self.target) if self.target is not None else self.inputs
+        return tuple((x.dtype, tuple(x.shape[1:]), x.device) for x in tensors)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Inputs and target: what a product over this batch depends on."""
+        return self.inputs if self.target is None else (*self.inputs, self.target)
 
 
 def _describe(signature: tuple[Any, ...]) -> str:
@@ -44,6 +50,7 @@ def _batch(item: Any, index: int) -> Batch:
             f"data: the target of batch {index} must be a tensor, got {type(target).__name__}."
         )
     args = normalize_inputs(inputs)
+    target = normal_tensor(target)
     sizes = {x.shape[0] if x.ndim else None for x in (*args, target)}
     if len(sizes) != 1 or None in sizes:
         shapes = ", ".join(str(tuple(x.shape)) for x in (*args, target))
@@ -55,11 +62,18 @@ def _batch(item: Any, index: int) -> Batch:
 
 
 class Dataset:
-    """A re-iterable of validated batches that remembers its total number of samples."""
+    """A re-iterable of validated batches.
+
+    ``num_samples`` and ``num_batches`` are counted at construction, for reports and checks;
+    products count the samples of each pass anew, so a list that grows later is weighted by
+    what it holds when the product runs.
+    """
 
     def __init__(self, data: Any, *, allow_empty: bool = False) -> None:
-        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
+        if isinstance(data, Batch):
             self._source: Iterable[Any] = [data]
+        elif isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], Tensor):
+            self._source = [data]
         elif isinstance(data, Iterable) and not isinstance(data, (Tensor, str, dict)):
             if iter(data) is data:
                 raise TypeError(
@@ -89,7 +103,7 @@ class Dataset:
     def __iter__(self) -> Iterator[Batch]:
         signature = self._signature
         for index, item in enumerate(self._source):
-            batch = _batch(item, index)
+            batch = item if isinstance(item, Batch) else _batch(item, index)
             if signature is None:
                 signature = batch.signature()
             elif batch.signature() != signature:

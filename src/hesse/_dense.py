@@ -2,47 +2,46 @@
 
 Every public function here is one composition:
 model + inputs → a pure function of the flat parameter vector (`hesse._functional`) → Hessian
-columns by a torch.func transform (`hesse._transforms`) → a structured result laid out by
-`ParamLayout`. The seed's flags (``diagonal_only``, ``is_batch``) only choose which composition.
+columns by a torch.func transform (`hesse._transforms`), for one batch (`hesse._curvature`) → a
+structured result laid out by `ParamLayout`. The seed's flags (``diagonal_only``, ``is_batch``)
+only choose which composition.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from hesse._compat import second_order_safe
-from hesse._functional import (
-    loss_function,
-    model_function,
-    sample_loss_function,
-    sample_model_function,
+from hesse._curvature import (
+    Curvature,
+    alternatives,
+    check_independent_samples,
+    dense,
+    diagonal,
+    loss_curvature,
+    model_curvature,
+    sample_loss_curvature,
+    sample_model_curvature,
 )
 from hesse._layout import ParamLayout
-from hesse._memory import Alternative, activation_bytes, plan_chunk
+from hesse._memory import plan_chunk
 from hesse._spectral import sharpness
-from hesse._state import evaluation_mode
-from hesse._transforms import (
-    ColumnFn,
-    Fallbacks,
-    dense_from_columns,
-    diagonal_from_columns,
-    hessian_columns,
-    sample_hessian_columns,
-)
+from hesse._state import check_training, model_scope
+from hesse._transforms import Fallbacks
 from hesse._validate import (
     batch_size,
     check_chunk_size,
     check_criterion,
+    check_finite,
     check_model,
     check_model_output,
+    check_nonempty,
     check_scalar_loss,
+    normal_tensor,
     normalize_inputs,
 )
 
@@ -61,46 +60,28 @@ __all__ = [
 Params = str | Sequence[str] | None
 
 
-@dataclass(frozen=True)
-class _Curvature:
-    """A map of the selected parameters whose Hessian is wanted, ready for a transform.
-
-    ``columns(layout, theta, window)`` builds the column function of the map restricted to a
-    sub-layout (other blocks stay at the model's values) and to ``theta[window]`` within it;
-    ``lead`` is the shape of the map's value, batch dim included.
-    """
-
-    model: nn.Module
-    layout: ParamLayout
-    lead: tuple[int, ...]
-    columns: Callable[[ParamLayout, Tensor, slice], ColumnFn]
-    activations: Callable[[ParamLayout, Tensor], int]
-
-
 def _check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}.")
     return value
 
 
-def _model_curvature(model: nn.Module, inputs: Any, params: Params, is_batch: bool) -> _Curvature:
-    check_model(model)
+def _model_curvature(
+    model: nn.Module, inputs: Any, params: Params, is_batch: bool, training: bool, what: str
+) -> Curvature:
     args = normalize_inputs(inputs)
     _check_flag("is_batch", is_batch)
     layout = ParamLayout.from_module(model, params)
-    fallbacks = Fallbacks()
+    check_finite(model, layout)
     if not is_batch:
         output = check_model_output(model(*args))
-
-        def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
-            f = model_function(model, sub.window(theta, window), args)
-            return fallbacks(hessian_columns(f, theta[window], scalar=output.numel() == 1))
-
-        def activations(sub: ParamLayout, theta: Tensor) -> int:
-            return activation_bytes(model_function(model, sub.unflatten, args), theta)
-
-        return _Curvature(model, layout, tuple(output.shape), columns, activations)
-
+        return model_curvature(model, layout, args, tuple(output.shape), Fallbacks())
+    if training:
+        raise ValueError(
+            f"training: {what} with is_batch=True evaluates each sample as a batch of one, "
+            "where batch statistics are meaningless; pass is_batch=False for the Hessian of "
+            "the batched output in train mode, or training=False."
+        )
     b = batch_size(args)
     one = check_model_output(model(*(x[:1] for x in args)), what="model (one sample)")
     # A batch of one keeps a leading dim of size 1 unless the model flattened it away.
@@ -112,44 +93,29 @@ def _model_curvature(model: nn.Module, inputs: Any, params: Params, is_batch: bo
             f"but a batch of {b} gave {tuple(batched.shape)} while one sample gave "
             f"{tuple(one.shape)}; pass is_batch=False to differentiate the whole batched output."
         )
-
-    def sample_columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
-        g = sample_model_function(model, sub.window(theta, window), sample_shape)
-        return fallbacks(sample_hessian_columns(g, theta[window], args, scalar=one.numel() == 1))
-
-    def sample_activations(sub: ParamLayout, theta: Tensor) -> int:
-        g = sample_model_function(model, sub.unflatten, sample_shape)
-        return b * activation_bytes(lambda t: g(t, *(x[0] for x in args)), theta)
-
-    return _Curvature(model, layout, (b, *sample_shape), sample_columns, sample_activations)
+    check_independent_samples(model, layout, args, batched, sample_shape, what)
+    return sample_model_curvature(model, layout, args, sample_shape, Fallbacks())
 
 
 def _loss_curvature(
     model: nn.Module, criterion: Any, inputs: Any, target: Any, params: Params
-) -> _Curvature:
-    check_model(model)
+) -> Curvature:
     check_criterion(criterion)
     args = normalize_inputs(inputs)
+    target = normal_tensor(target)
+    check_nonempty(args)
     layout = ParamLayout.from_module(model, params)
-    fallbacks = Fallbacks()
+    check_finite(model, layout)
     check_scalar_loss(criterion(model(*args), target))
-
-    def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
-        f = loss_function(model, sub.window(theta, window), criterion, args, target)
-        return fallbacks(hessian_columns(f, theta[window], scalar=True))
-
-    def activations(sub: ParamLayout, theta: Tensor) -> int:
-        return activation_bytes(loss_function(model, sub.unflatten, criterion, args, target), theta)
-
-    return _Curvature(model, layout, (), columns, activations)
+    return loss_curvature(model, layout, criterion, args, target, Fallbacks())
 
 
 def _sample_loss_curvature(
-    model: nn.Module, criterion: Any, inputs: Any, target: Any, params: Params
-) -> _Curvature:
-    check_model(model)
+    model: nn.Module, criterion: Any, inputs: Any, target: Any, params: Params, what: str
+) -> Curvature:
     check_criterion(criterion)
     args = normalize_inputs(inputs)
+    target = normal_tensor(target)
     b = batch_size(args)
     if not isinstance(target, Tensor) or target.ndim == 0 or target.shape[0] != b:
         given = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
@@ -158,85 +124,26 @@ def _sample_loss_curvature(
             f"({b}), got {given}."
         )
     layout = ParamLayout.from_module(model, params)
-    fallbacks = Fallbacks()
-    check_scalar_loss(criterion(model(*(x[:1] for x in args)), target[:1]))
-    samples = (target, *args)
-
-    def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
-        g = sample_loss_function(model, sub.window(theta, window), criterion)
-        return fallbacks(sample_hessian_columns(g, theta[window], samples, scalar=False))
-
-    def activations(sub: ParamLayout, theta: Tensor) -> int:
-        g = sample_loss_function(model, sub.unflatten, criterion)
-        return b * activation_bytes(lambda t: g(t, *(x[0] for x in samples)), theta)
-
-    return _Curvature(model, layout, (b,), columns, activations)
+    check_finite(model, layout)
+    one = model(*(x[:1] for x in args))
+    check_scalar_loss(criterion(one, target[:1]))
+    if isinstance(one, Tensor) and one.ndim and one.shape[0] == 1:
+        batched = model(*args)
+        if isinstance(batched, Tensor) and batched.numel() == b * one.numel():
+            check_independent_samples(model, layout, args, batched, tuple(one.shape[1:]), what)
+    return sample_loss_curvature(model, layout, criterion, args, target, Fallbacks())
 
 
-def _alternatives(c: _Curvature, *, diagonal: bool = True) -> list[Alternative]:
-    """Cheaper calls than a dense result, with their result sizes; ``diagonal=False`` when
-    the failing call is the diagonal itself."""
-    itemsize = c.layout.dtype.itemsize
-    lanes = math.prod(c.lead)
-    options: list[Alternative] = []
-    if diagonal:
-        options.append(
-            ("the exact diagonal (*_hessian_diagonal)", c.layout.numel * lanes * itemsize)
-        )
-    if len(c.layout.names) > 1:
-        blocks = sum(k * k for k in c.layout.numels) * lanes * itemsize
-        options.append(("diagonal_only=True in dict form", blocks))
-    options.append(("params=[...] to select fewer parameters", None))
-    if not c.lead:  # a loss: its curvature is also available matrix-free
-        options.append(("a matrix-free hesse.HessianOperator with hesse.eigsh / hesse.trace", None))
-    return options
-
-
-def _plan(
-    c: _Curvature,
-    sub: ParamLayout,
-    theta: Tensor,
-    what: str,
-    out: tuple[int, ...],
-    chunk_size: int | None,
-) -> int:
-    return plan_chunk(
-        what=what,
-        n=sub.numel,
-        lead=c.lead,
-        output_shape=out,
-        dtype=sub.dtype,
-        device=sub.device,
-        chunk_size=chunk_size,
-        activations=lambda: c.activations(sub, theta),
-        alternatives=_alternatives(c, diagonal=len(out) > len(c.lead) + 1),
-    ).chunk
-
-
-def _dense(c: _Curvature, sub: ParamLayout, chunk_size: int | None, what: str) -> Tensor:
-    theta = sub.gather(c.model)
-    n = sub.numel
-    chunk = _plan(c, sub, theta, what, (*c.lead, n, n), chunk_size)
-    return dense_from_columns(partial(c.columns, sub, theta), n, c.lead, chunk, theta)
-
-
-def _diagonal(c: _Curvature, chunk_size: int | None, what: str) -> Tensor:
-    theta = c.layout.gather(c.model)
-    n = c.layout.numel
-    chunk = _plan(c, c.layout, theta, what, (*c.lead, n), chunk_size)
-    return diagonal_from_columns(partial(c.columns, c.layout, theta), n, c.lead, chunk, theta)
-
-
-def _diagonal_blocks(c: _Curvature, chunk_size: int | None, what: str) -> dict[str, Tensor]:
+def _diagonal_blocks(c: Curvature, chunk_size: int | None, what: str) -> dict[str, Tensor]:
     """``{P: (*lead, n_P, n_P)}``: only the diagonal blocks are computed."""
-    return {name: _dense(c, c.layout.restrict([name]), chunk_size, what) for name in c.layout.names}
+    return {name: dense(c, c.layout.restrict([name]), chunk_size, what) for name in c.layout.names}
 
 
-def _matrix(c: _Curvature, diagonal_only: bool, chunk_size: int | None, what: str) -> Tensor:
+def _matrix(c: Curvature, diagonal_only: bool, chunk_size: int | None, what: str) -> Tensor:
     _check_flag("diagonal_only", diagonal_only)
     chunk_size = check_chunk_size(chunk_size)
     if not diagonal_only:
-        return _dense(c, c.layout, chunk_size, what)
+        return dense(c, c.layout, chunk_size, what)
     n = c.layout.numel
     plan_chunk(  # the zero-filled result must fit before any block is computed
         what=what,
@@ -247,7 +154,7 @@ def _matrix(c: _Curvature, diagonal_only: bool, chunk_size: int | None, what: st
         device=c.layout.device,
         chunk_size=1,
         activations=lambda: 0,
-        alternatives=_alternatives(c),
+        alternatives=alternatives(c),
     )
     out = torch.zeros(*c.lead, n, n, dtype=c.layout.dtype, device=c.layout.device)
     for name, block in _diagonal_blocks(c, chunk_size, what).items():
@@ -257,12 +164,12 @@ def _matrix(c: _Curvature, diagonal_only: bool, chunk_size: int | None, what: st
 
 
 def _dict(
-    c: _Curvature, diagonal_only: bool, chunk_size: int | None, what: str
+    c: Curvature, diagonal_only: bool, chunk_size: int | None, what: str
 ) -> dict[str, dict[str, Tensor]]:
     _check_flag("diagonal_only", diagonal_only)
     chunk_size = check_chunk_size(chunk_size)
     if not diagonal_only:
-        return c.layout.unflatten_matrix(_dense(c, c.layout, chunk_size, what))
+        return c.layout.unflatten_matrix(dense(c, c.layout, chunk_size, what))
     lead = c.lead
     return {
         name: {name: block.reshape(*lead, *shape, *shape)}
@@ -272,10 +179,10 @@ def _dict(
     }
 
 
-def _run(model: nn.Module, build: Callable[[], Any]) -> Any:
-    # no_grad: torch.func transforms ignore it, but it stops autograd from recording a graph
-    # through parameters that were not selected.
-    with evaluation_mode(check_model(model)), torch.no_grad(), second_order_safe():
+def _run(model: nn.Module, build: Callable[[], Any], training: bool = False) -> Any:
+    """Evaluate ``build()`` where hesse evaluates models: state restored, second derivatives
+    made safe (`hesse._compat`)."""
+    with model_scope(check_model(model), training=check_training(training)), second_order_safe():
         return build()
 
 
@@ -291,6 +198,7 @@ def model_hessian_matrix(
     is_batch: bool = True,
     *,
     chunk_size: int | None = None,
+    training: bool = False,
 ) -> Tensor:
     r"""Hessian of each model output with respect to the parameters, as one matrix.
 
@@ -334,8 +242,12 @@ def model_hessian_matrix(
     return _run(
         model,
         lambda: _matrix(
-            _model_curvature(model, inputs, params, is_batch), diagonal_only, chunk_size, what
+            _model_curvature(model, inputs, params, is_batch, training, what),
+            diagonal_only,
+            chunk_size,
+            what,
         ),
+        training,
     )
 
 
@@ -347,6 +259,7 @@ def model_hessian_dict(
     is_batch: bool = True,
     *,
     chunk_size: int | None = None,
+    training: bool = False,
 ) -> dict[str, dict[str, Tensor]]:
     """The model Hessian as ``d[P][Q]`` blocks, the layout of ``torch.func.hessian``.
 
@@ -360,8 +273,12 @@ def model_hessian_dict(
     return _run(
         model,
         lambda: _dict(
-            _model_curvature(model, inputs, params, is_batch), diagonal_only, chunk_size, what
+            _model_curvature(model, inputs, params, is_batch, training, what),
+            diagonal_only,
+            chunk_size,
+            what,
         ),
+        training,
     )
 
 
@@ -372,6 +289,7 @@ def model_hessian_diagonal(
     is_batch: bool = True,
     *,
     chunk_size: int | None = None,
+    training: bool = False,
 ) -> Tensor:
     """The exact diagonal of each model-output Hessian, without forming the matrix.
 
@@ -381,9 +299,12 @@ def model_hessian_diagonal(
     what = "model_hessian_diagonal"
     return _run(
         model,
-        lambda: _diagonal(
-            _model_curvature(model, inputs, params, is_batch), check_chunk_size(chunk_size), what
+        lambda: diagonal(
+            _model_curvature(model, inputs, params, is_batch, training, what),
+            check_chunk_size(chunk_size),
+            what,
         ),
+        training,
     )
 
 
@@ -394,6 +315,7 @@ def model_sharpness(
     is_batch: bool = True,
     *,
     chunk_size: int | None = None,
+    training: bool = False,
 ) -> Tensor:
     """Largest absolute eigenvalue of each model-output Hessian.
 
@@ -405,8 +327,14 @@ def model_sharpness(
     return _run(
         model,
         lambda: sharpness(
-            _matrix(_model_curvature(model, inputs, params, is_batch), False, chunk_size, what)
+            _matrix(
+                _model_curvature(model, inputs, params, is_batch, training, what),
+                False,
+                chunk_size,
+                what,
+            )
         ),
+        training,
     )
 
 
@@ -423,6 +351,7 @@ def loss_hessian_matrix(
     diagonal_only: bool = False,
     *,
     chunk_size: int | None = None,
+    training: bool = False,
 ) -> Tensor:
     r"""Hessian of the scalar ``criterion(model(*inputs), target)`` with respect to the parameters.
 
@@ -457,6 +386,7 @@ def loss_hessian_matrix(
             chunk_size,
             what,
         ),
+        training,
     )
 
 
@@ -469,6 +399,7 @@ def loss_hessian_dict(
     diagonal_only: bool = False,
     *,
     chunk_size: int | None = None,
+    training: bool = False,
 ) -> dict[str, dict[str, Tensor]]:
     """The loss Hessian as ``d[P][Q]`` blocks of shape ``(*shape(P), *shape(Q))``.
 
@@ -483,6 +414,7 @@ def loss_hessian_dict(
             chunk_size,
             what,
         ),
+        training,
     )
 
 
@@ -494,6 +426,7 @@ def loss_hessian_diagonal(
     params: Params = None,
     *,
     chunk_size: int | None = None,
+    training: bool = False,
 ) -> Tensor:
     r"""The exact diagonal of the loss Hessian, ``(N,)``, without forming the matrix.
 
@@ -508,11 +441,12 @@ def loss_hessian_diagonal(
     what = "loss_hessian_diagonal"
     return _run(
         model,
-        lambda: _diagonal(
+        lambda: diagonal(
             _loss_curvature(model, criterion, inputs, target, params),
             check_chunk_size(chunk_size),
             what,
         ),
+        training,
     )
 
 
@@ -524,6 +458,7 @@ def loss_sharpness(
     params: Params = None,
     *,
     chunk_size: int | None = None,
+    training: bool = False,
 ) -> Tensor:
     """Largest absolute eigenvalue of the loss Hessian, a 0-dim tensor.
 
@@ -538,6 +473,7 @@ def loss_sharpness(
                 _loss_curvature(model, criterion, inputs, target, params), False, chunk_size, what
             )
         ),
+        training,
     )
 
 
@@ -549,6 +485,7 @@ def per_sample_loss_hessian(
     params: Params = None,
     *,
     chunk_size: int | None = None,
+    training: bool = False,
 ) -> Tensor:
     """Hessian of each sample's own loss ``criterion(model(x_b[None]), target[b][None])``.
 
@@ -559,10 +496,16 @@ def per_sample_loss_hessian(
         Shape ``(B, N, N)``.
     """
     what = "per_sample_loss_hessian"
+    if check_training(training):
+        raise ValueError(
+            "training: per_sample_loss_hessian evaluates each sample as a batch of one, where "
+            "batch statistics are meaningless; use training=False (eval mode), or "
+            "loss_hessian_matrix(..., training=True) for the batch loss in train mode."
+        )
     return _run(
         model,
         lambda: _matrix(
-            _sample_loss_curvature(model, criterion, inputs, target, params),
+            _sample_loss_curvature(model, criterion, inputs, target, params, what),
             False,
             chunk_size,
             what,

@@ -14,29 +14,33 @@ The reduction is read from ``criterion.reduction`` when present, else ``"mean"``
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar, cast
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
-from hesse._compat import elementary_norms, math_attention
+from hesse._compat import second_order_safe
+from hesse._curvature import check_independent_samples, dense, diagonal, loss_curvature
 from hesse._data import Batch, Dataset, as_dataset
-from hesse._distributed import resolve_shard
-from hesse._functional import loss_function, sample_loss_function
+from hesse._distributed import Shard, resolve_shard
+from hesse._functional import sample_loss_function
 from hesse._layout import ParamLayout
 from hesse._memory import TARGET_COLUMNS, plan_chunk
-from hesse._state import evaluation_mode
-from hesse._transforms import (
-    Fallbacks,
-    dense_from_columns,
-    diagonal_from_columns,
-    hessian_columns,
-    warn_fallback,
+from hesse._protocol import Operator
+from hesse._state import check_training, model_scope
+from hesse._transforms import Fallbacks, Strategy
+from hesse._validate import (
+    check_criterion,
+    check_finite,
+    check_model,
+    check_scalar_loss,
+    normal_tensor,
+    normalize_inputs,
 )
-from hesse._validate import check_criterion, check_model, check_scalar_loss
 
 __all__ = [
     "CurvatureOperator",
@@ -47,20 +51,9 @@ __all__ = [
 ]
 
 Params = str | Sequence[str] | None
-_REDUCTIONS = ("mean", "sum")
+# "batchmean" (nn.KLDivLoss) divides the summed loss by the batch size: the mean over samples.
+_REDUCTIONS = ("mean", "sum", "batchmean")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _vectorised(method: _F) -> _F:
-    """Run a per-batch method that uses vmap with the norm-layer workaround of `_compat`."""
-
-    @functools.wraps(method)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with elementary_norms():
-            return method(*args, **kwargs)
-
-    return cast(_F, wrapped)
 
 
 def _reduction(criterion: Any, reduction: str | None) -> str:
@@ -75,14 +68,34 @@ def _reduction(criterion: Any, reduction: str | None) -> str:
         )
     if reduction not in _REDUCTIONS:
         raise ValueError(
-            f"reduction: expected 'mean' or 'sum', got {reduction!r}; a curvature operator "
-            "needs a scalar loss per batch."
+            f"reduction: expected 'mean', 'sum' or 'batchmean', got {reduction!r}; a curvature "
+            "operator needs a scalar loss per batch (reduction='none' gives one per sample)."
         )
     return reduction
 
 
-class CurvatureOperator:
+@dataclass
+class _Session:
+    """What one call of an algorithm may reuse between its products (see `Operator.session`):
+    the parameters resolved by name and their values when it began, and a kept gradient graph.
+    """
+
+    params: dict[str, Tensor]
+    theta: Tensor
+    graph: tuple[Any, ...] | None = None
+    samples: int = 0  # counted in the latest pass over the data
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CurvatureOperator(Operator):
     """A symmetric curvature matrix of ``criterion(model(*inputs), target)`` over ``data``.
+
+    Every product answers for the model, data and criterion as they are when it runs: the
+    parameters are looked up by name, the data are read anew and weighted by the samples of
+    that pass. Only inside one call of hesse's algorithms (``eigsh``, ``trace``,
+    ``spectral_density``, ...), where nothing can change between products, is work reused: over
+    a one-batch dataset the gradient graph is kept, so a repeated product costs one backward
+    pass.
 
     Args:
         model: The module; evaluated in eval mode, its state restored after every product.
@@ -90,7 +103,11 @@ class CurvatureOperator:
         data: One ``(inputs, target)`` batch, or a re-iterable of them (a list, a
             ``DataLoader``); ``inputs`` is a tensor or a tuple of tensors.
         params: Parameter names or glob patterns; ``None`` selects every trainable parameter.
-        reduction: ``"mean"`` or ``"sum"``; default ``criterion.reduction``, else ``"mean"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"batchmean"``; default ``criterion.reduction``,
+            else ``"mean"``.
+        training: The curvature of the training-mode loss: modules in train mode, so BatchNorm
+            normalises with the batch's statistics (its running statistics are left untouched);
+            dropout stays off, since a random mask would make every product another matrix.
         progress: Show a progress bar over batches (needs ``tqdm``, the ``progress`` extra).
         check_deterministic: Read the data twice at construction and refuse data or models
             that change between passes (a shuffling ``DataLoader``, random augmentation, a
@@ -104,7 +121,7 @@ class CurvatureOperator:
     Attributes:
         shape: ``(N, N)``.
         layout: The `ParamLayout` mapping rows to parameters.
-        num_samples: Samples in the dataset.
+        num_samples: Samples in the dataset (as of the latest pass over it).
     """
 
     def __init__(
@@ -115,6 +132,7 @@ class CurvatureOperator:
         params: Params = None,
         *,
         reduction: str | None = None,
+        training: bool = False,
         progress: bool = False,
         check_deterministic: bool = False,
         process_group: Any = None,
@@ -123,19 +141,29 @@ class CurvatureOperator:
         self.model = check_model(model)
         self.criterion = check_criterion(criterion)
         self.reduction = _reduction(criterion, reduction)
+        self.training = check_training(training)
+        self._check_training()
         self.layout = ParamLayout.from_module(model, params)
-        self.shard = resolve_shard(process_group, distributed, self.layout.device)
-        self.data: Dataset = as_dataset(data, allow_empty=self.shard.distributed)
+        self._shard = resolve_shard(process_group, distributed, self.layout.device)
+        with torch.inference_mode(False):
+            self.data: Dataset = as_dataset(data, allow_empty=self._shard.distributed)
         self.progress = progress
-        self._fallbacks = Fallbacks()
-        self._parameters = dict(model.named_parameters(remove_duplicate=False))
-        self._graph: tuple[Any, list[Tensor], Sequence[Tensor | None]] | None = None
+        self._policies: dict[str, Fallbacks] = {}
+        self._active: _Session | None = None
         self._num_samples = self._agree_across_ranks()
-        first = next(iter(self.data))
-        with evaluation_mode(model), torch.no_grad():
-            check_scalar_loss(criterion(model(*first.inputs), first.target))
-        if check_deterministic:
-            self._check_deterministic()
+        with self.session():
+            first = next(iter(self.data))
+            with second_order_safe():
+                self._check_batch(first)
+            if check_deterministic:
+                self._check_deterministic()
+
+    def _check_training(self) -> None:
+        """Refuse ``training=True`` where it has no meaning (per-sample curvature)."""
+
+    def _check_batch(self, batch: Batch) -> None:
+        """One forward pass at construction: the loss is a scalar."""
+        check_scalar_loss(self.criterion(self.model(*batch.inputs), batch.target))
 
     def _agree_across_ranks(self) -> int:
         """The global sample count; every rank fails alike on an empty or mismatched shard."""
@@ -176,12 +204,16 @@ class CurvatureOperator:
         return self.layout.device
 
     @property
+    def shard(self) -> Shard:
+        return self._shard
+
+    @property
     def param_names(self) -> tuple[str, ...]:
         return self.layout.names
 
     @property
     def num_samples(self) -> int:
-        """Samples in the dataset: over all ranks when distributed."""
+        """Samples in the dataset: over all ranks when distributed, as of the latest pass."""
         return self._num_samples
 
     def __repr__(self) -> str:
@@ -191,45 +223,97 @@ class CurvatureOperator:
             f"batches={self.data.num_batches})"
         )
 
+    # -- sessions -------------------------------------------------------------------------------
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Products inside the block may reuse work (the kept gradient graph of a one-batch
+        dataset); hesse's algorithms open one per call. Every product outside a session opens
+        its own, so it sees the model exactly as it is then."""
+        if self._active is not None:
+            yield
+            return
+        with model_scope(self.model, training=self.training):
+            params = self._resolve_parameters()
+            theta = torch.cat([params[n].detach().reshape(-1) for n in self.layout.names])
+            self._active = _Session(params, theta)
+            try:
+                yield
+            finally:
+                self._active = None
+
+    def _resolve_parameters(self) -> dict[str, Tensor]:
+        """The selected parameters of the model as it is now, by name: a replaced
+        ``Parameter`` is used, a changed shape, dtype or device is refused."""
+        named = dict(self.model.named_parameters(remove_duplicate=False))
+        layout = self.layout
+        for name, shape in zip(layout.names, layout.shapes):
+            p = named.get(name)
+            if p is None:
+                raise ValueError(
+                    f"model: the parameter {name!r} this operator was built on no longer "
+                    "exists; build a new operator for the changed model."
+                )
+            if p.shape != shape or p.dtype != layout.dtype or p.device != layout.device:
+                raise ValueError(
+                    f"model: the parameter {name!r} is now {tuple(p.shape)} {p.dtype} on "
+                    f"{p.device}, but the operator was built for {tuple(shape)} {layout.dtype} "
+                    f"on {layout.device}; build a new operator for the changed model."
+                )
+        check_finite(self.model, layout)
+        return {n: named[n] for n in layout.names}
+
+    @property
+    def _state(self) -> _Session:
+        assert self._active is not None, "inside a session only"
+        return self._active
+
+    def _policy(self, kind: str) -> Fallbacks:
+        """The fallback policy of one kind of computation (`hesse._transforms.Fallbacks`)."""
+        return self._policies.setdefault(kind, Fallbacks())
+
     # -- products ------------------------------------------------------------------------------
 
     def __matmul__(self, other: Tensor | dict[str, Tensor]) -> Any:
-        if isinstance(other, dict):
-            flat = self._check_dict(other)
-            return self.layout.unflatten(self._matmat(flat[:, None])[:, 0])
-        matrix = self._check_vector(other)
-        out = self._matmat(matrix if other.ndim == 2 else matrix[:, None])
-        return out if other.ndim == 2 else out[:, 0]
+        with self.session():
+            if isinstance(other, dict):
+                flat = self._check_dict(other)
+                return self.layout.unflatten(self._matmat(flat[:, None])[:, 0])
+            matrix = self._check_vector(other)
+            if matrix.ndim == 2 and matrix.shape[1] == 0:
+                return matrix.new_zeros(matrix.shape)
+            out = self._matmat(matrix if matrix.ndim == 2 else matrix[:, None])
+            return out if matrix.ndim == 2 else out[:, 0]
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         """``(N, K) -> (N, K)``, columns in chunks that fit the cache."""
-        theta = self.layout.gather(self.model)
         tangents = matrix.T
-        # Accumulated as rows (K, N), the layout vmap returns: contiguous adds, one transpose.
-        out = tangents.new_zeros(tangents.shape)
-        for batch, weight in self._weighted_batches():
-            for start in range(0, tangents.shape[0], TARGET_COLUMNS):
+        k = tangents.shape[0]
+
+        def per_batch(batch: Batch) -> Tensor:
+            if k == 1:
+                return self._batch_product(batch, tangents[0])[None]
+            # Accumulated as rows (K, N), the layout vmap returns: contiguous adds.
+            out = tangents.new_empty(tangents.shape)
+            for start in range(0, k, TARGET_COLUMNS):
                 rows = slice(start, start + TARGET_COLUMNS)
-                out[rows].add_(self._batch_matmat(batch, theta, tangents[rows]), alpha=weight)
-        return self.shard.all_reduce(out).T.contiguous()
+                out[rows] = self._batch_matmat(batch, tangents[rows])
+            return out
+
+        return self._accumulate(per_batch, tangents.new_zeros(tangents.shape)).T.contiguous()
 
     def to_dense(self) -> Tensor:
         """The ``(N, N)`` matrix, built from products with identity columns."""
         n = self.layout.numel
-        self._check_fits((n, n))
-        theta = self.layout.gather(self.model)
-        out = theta.new_zeros(n, n)
-        for batch, weight in self._weighted_batches():
-            out += weight * self._batch_dense(batch, theta)
-        return self.shard.all_reduce(out)
+        with self.session():
+            self._check_fits((n, n))
+            return self._accumulate(self._batch_dense, self._state.theta.new_zeros(n, n))
 
     def diagonal(self) -> Tensor:
         """The exact diagonal ``(N,)``."""
-        theta = self.layout.gather(self.model)
-        out = theta.new_zeros(self.layout.numel)
-        for batch, weight in self._weighted_batches():
-            out += weight * self._batch_diagonal(batch, theta)
-        return self.shard.all_reduce(out)
+        with self.session():
+            out = self._state.theta.new_zeros(self.layout.numel)
+            return self._accumulate(self._batch_diagonal, out)
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` on NumPy arrays of this operator's dtype.
@@ -257,25 +341,29 @@ class CurvatureOperator:
 
     # -- per batch (subclasses) ------------------------------------------------------------------
 
-    def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
+    def _batch_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
         """``(K, N) -> (K, N)``: the batch loss's curvature applied to each row."""
         raise NotImplementedError
 
-    def _batch_dense(self, batch: Batch, theta: Tensor) -> Tensor:
-        n = theta.numel()
-        out = theta.new_empty(n, n)
-        eye = torch.eye(n, dtype=theta.dtype, device=theta.device)
+    def _batch_product(self, batch: Batch, v: Tensor) -> Tensor:
+        """``(N,) -> (N,)``: one product, as Lanczos asks for."""
+        return self._batch_matmat(batch, v[None])[0]
+
+    def _batch_dense(self, batch: Batch) -> Tensor:
+        n = self.layout.numel
+        out = self._state.theta.new_empty(n, n)
+        eye = torch.eye(n, dtype=self.dtype, device=self.device)
         for start in range(0, n, TARGET_COLUMNS):
             rows = eye[start : start + TARGET_COLUMNS]
-            out[start : start + TARGET_COLUMNS] = self._batch_matmat(batch, theta, rows)
+            out[start : start + TARGET_COLUMNS] = self._batch_matmat(batch, rows)
         return out
 
-    def _batch_diagonal(self, batch: Batch, theta: Tensor) -> Tensor:
+    def _batch_diagonal(self, batch: Batch) -> Tensor:
         raise NotImplementedError
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _weighted_batches(self) -> Iterator[tuple[Batch, float]]:
+    def _batches(self) -> Iterator[Batch]:
         batches: Any = self.data
         if self.progress:
             try:
@@ -285,12 +373,36 @@ class CurvatureOperator:
                     "progress=True needs tqdm, an optional extra: pip install 'hesse[progress]'."
                 ) from err
             batches = tqdm(batches, total=self.data.num_batches, desc=type(self).__name__)
-        with evaluation_mode(self.model), torch.no_grad():
-            for batch in batches:
-                weight = batch.size / self._num_samples if self.reduction == "mean" else 1.0
-                # Loading the batch stays outside: a mode would intercept every indexing op.
-                with math_attention():
-                    yield batch, weight
+        for batch in batches:
+            if batch.size:  # an empty batch adds nothing (and its mean loss is NaN)
+                yield batch
+
+    def _accumulate(self, per_batch: Callable[[Batch], Tensor], out: Tensor) -> Tensor:
+        """``Σ_b w_b per_batch(b)`` over one pass of the data, summed over the ranks.
+
+        ``w_b = B_b / N`` for a mean-reduced loss and 1 for a sum, with ``N`` the samples of
+        this very pass: a list that grew since construction is weighted by what it holds now.
+        Batches are loaded outside `second_order_safe` (its mode would see every indexing op)
+        and evaluated inside it.
+        """
+        mean = self.reduction != "sum"
+        count = 0
+        for batch in self._batches():
+            count += batch.size
+            with second_order_safe():
+                value = per_batch(batch)
+            out.add_(value, alpha=batch.size if mean else 1)
+        if self.shard.distributed:
+            total = self.shard.all_reduce(torch.tensor([count], dtype=torch.float64))
+            count = int(total.item())
+        if count == 0:
+            raise ValueError(
+                "data: no samples in this pass over the data (it held some when the operator "
+                "was built); an operator needs data to have curvature."
+            )
+        self._num_samples = count
+        out = self.shard.all_reduce(out)
+        return out.div_(count) if mean else out
 
     def _check_vector(self, other: Any) -> Tensor:
         if not isinstance(other, Tensor):
@@ -314,7 +426,7 @@ class CurvatureOperator:
                 f"vector: is on {other.device} but the operator is on {self.device}; move it "
                 f"with v.to({str(self.device)!r})."
             )
-        return other
+        return normal_tensor(other)
 
     def _check_dict(self, other: dict[str, Tensor]) -> Tensor:
         if set(other) != set(self.layout.names):
@@ -349,9 +461,10 @@ class CurvatureOperator:
     def _check_deterministic(self) -> None:
         def fingerprints() -> list[tuple[float, float]]:
             prints = []
-            for batch, _ in self._weighted_batches():
-                loss = self.criterion(self.model(*batch.inputs), batch.target)
-                data = sum(float(x.double().sum()) for x in (*batch.inputs, batch.target))
+            for batch in self._batches():
+                with second_order_safe():
+                    loss = self.criterion(self.model(*batch.inputs), batch.target)
+                data = sum(float(x.double().sum()) for x in batch.tensors())
                 prints.append((float(loss), data))
             return prints
 
@@ -386,40 +499,24 @@ class HessianOperator(CurvatureOperator):
         tensor([10., 14.])
     """
 
-    def _columns(self, batch: Batch, theta: Tensor) -> Any:
-        def columns_at(window: slice) -> Any:
-            f = loss_function(
-                self.model,
-                self.layout.window(theta, window),
-                self.criterion,
-                batch.inputs,
-                batch.target,
-            )
-            return self._fallbacks(hessian_columns(f, theta[window], scalar=True))
+    def _curvature(self, batch: Batch) -> Any:
+        return loss_curvature(
+            self.model,
+            self.layout,
+            self.criterion,
+            batch.inputs,
+            batch.target,
+            self._policy("columns"),
+        )
 
-        return columns_at
+    def _batch_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
+        theta = self._state.theta
+        return self._curvature(batch).columns(self.layout, theta, slice(0, theta.numel()))(tangents)
 
-    def _matmat(self, matrix: Tensor) -> Tensor:
-        if matrix.shape[1] > 1:
-            return super()._matmat(matrix)
-        out = torch.zeros_like(matrix[:, 0])  # one column: no parameter vector needed
-        for batch, weight in self._weighted_batches():
-            out.add_(self._single_product(batch, matrix[:, 0]), alpha=weight)
-        return self.shard.all_reduce(out)[:, None]
-
-    def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
-        if tangents.shape[0] == 1:
-            return self._single_product(batch, tangents[0])[None]
-        return self._vmapped_matmat(batch, theta, tangents)
-
-    @_vectorised
-    def _vmapped_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
-        return self._columns(batch, theta)(slice(0, theta.numel()))(tangents)
-
-    def _single_product(self, batch: Batch, v: Tensor) -> Tensor:
+    def _batch_product(self, batch: Batch, v: Tensor) -> Tensor:
         # One product, as Lanczos and power iteration ask for: plain double backward through
         # the gradient graph, without torch.func overhead (about 2x faster for one vector).
-        leaves, grads = self._gradient_graph(batch)
+        leaves, grads, retain = self._gradient_graph(batch)
         tangent = self.layout.unflatten(v)
         pairs = [
             (g, tangent[n])
@@ -432,7 +529,7 @@ class HessianOperator(CurvatureOperator):
                 [g for g, _ in pairs],
                 leaves,
                 [t for _, t in pairs],
-                retain_graph=self._graph is not None,
+                retain_graph=retain,
                 allow_unused=True,
             )
         return torch.cat(
@@ -442,54 +539,43 @@ class HessianOperator(CurvatureOperator):
             ]
         )
 
-    def _gradient_graph(self, batch: Batch) -> tuple[list[Tensor], Sequence[Tensor | None]]:
+    def _gradient_graph(self, batch: Batch) -> tuple[list[Tensor], Sequence[Tensor | None], bool]:
         """Leaves for the selected parameters and the loss gradient, with its graph.
 
-        Over a one-batch dataset the graph is kept between products while nothing it depends
-        on changes (parameters, buffers and data, by identity and version counter), so that a
-        repeated product costs one backward pass; the memory it holds is the activations.
+        The leaves are detached views of the parameters (their hooks, ``requires_grad`` flags
+        and ``.grad`` stay the user's). Over a one-batch dataset the graph is kept for the rest
+        of the session (one call of an algorithm), so that a repeated product costs one
+        backward pass; it holds the batch tensors, so their identity cannot be reused by others.
         """
-        if self.data.num_batches > 1:
-            # Nothing is kept: differentiate the model's own parameters (no functional_call
-            # overhead); `evaluation_mode` restores the requires_grad flags switched on here.
-            params: list[Tensor] = [self._parameters[n] for n in self.layout.names]
-            for p in params:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                loss = self.criterion(self.model(*batch.inputs), batch.target)
-                return params, torch.autograd.grad(
-                    loss, params, create_graph=True, allow_unused=True
-                )
-        tensors = (*self.model.parameters(), *self.model.buffers(), *batch.inputs)
-        key = tuple((id(t), t._version) for t in (*tensors, batch.target))
-        if self._graph is not None and self._graph[0] == key:
-            return self._graph[1], self._graph[2]
-        self._graph = None
-        # Kept between products: leaves that share storage and version counter with the
-        # parameters, so that the parameters' own requires_grad flags stay the user's.
-        leaves = [self._parameters[n].detach().requires_grad_() for n in self.layout.names]
+        session = self._state
+        tensors = batch.tensors()
+        key = tuple((id(t), t._version) for t in tensors)
+        keep = self.data.num_batches == 1
+        if keep and session.graph is not None and session.graph[0] == key:
+            return session.graph[2], session.graph[3], True
+        session.graph = None
+        leaves = [session.params[n].detach().requires_grad_() for n in self.layout.names]
         with torch.enable_grad():
             output = torch.func.functional_call(
                 self.model, dict(zip(self.layout.names, leaves)), batch.inputs
             )
             loss = self.criterion(output, batch.target)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        self._graph = (key, leaves, grads)
-        return leaves, grads
+        if keep:
+            session.graph = (key, tensors, leaves, grads)
+        return leaves, grads, keep
 
-    @_vectorised
-    def _batch_dense(self, batch: Batch, theta: Tensor) -> Tensor:
-        n = theta.numel()
-        return dense_from_columns(self._columns(batch, theta), n, (), TARGET_COLUMNS, theta)
+    def _batch_dense(self, batch: Batch) -> Tensor:
+        what = f"{type(self).__name__}.to_dense"
+        return dense(self._curvature(batch), self.layout, None, what, self._state.theta)
 
-    @_vectorised
-    def _batch_diagonal(self, batch: Batch, theta: Tensor) -> Tensor:
-        n = theta.numel()
-        return diagonal_from_columns(self._columns(batch, theta), n, (), TARGET_COLUMNS, theta)
+    def _batch_diagonal(self, batch: Batch) -> Tensor:
+        what = f"{type(self).__name__}.diagonal"
+        return diagonal(self._curvature(batch), None, what, self._state.theta)
 
 
 def _jacobian_products(
-    f: Callable[[Tensor], Tensor], theta: Tensor, what: str
+    f: Callable[[Tensor], Tensor], theta: Tensor
 ) -> tuple[Tensor, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """``f(θ)`` with its Jacobian products ``v ↦ J v`` and ``u ↦ Jᵀ u``, one forward pass.
 
@@ -497,12 +583,16 @@ def _jacobian_products(
     ``u ↦ Jᵀ u``.
     """
     value, jt = vjp(f, theta)[:2]
-    if not isinstance(value, Tensor):
-        raise TypeError(
-            f"model: {what} needs the model to return one tensor, got {type(value).__name__}."
-        )
     j = vjp(lambda u: jt(u)[0], torch.zeros_like(value))[1]
     return value, lambda v: j(v)[0], lambda u: jt(u)[0]
+
+
+def _autograd_grad(output: Tensor, inputs: Tensor, weights: Tensor) -> Tensor:
+    """``∂(output · weights)/∂inputs`` by plain autograd, zeros where it does not depend."""
+    if not output.requires_grad:
+        return torch.zeros_like(inputs)
+    (result,) = torch.autograd.grad(output, inputs, weights, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(inputs) if result is None else result
 
 
 class GGNOperator(CurvatureOperator):
@@ -513,46 +603,108 @@ class GGNOperator(CurvatureOperator):
     outputs ``z``. Positive semi-definite for convex losses (MSE, cross-entropy).
     """
 
+    def _check_batch(self, batch: Batch) -> None:
+        output = self.model(*batch.inputs)
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"model: the GGN needs the model to return one tensor (the outputs z whose "
+                f"loss Hessian it uses), got {type(output).__name__}; wrap the model so that "
+                "forward returns the logits, e.g. a module whose forward returns "
+                "model(x).logits for a HuggingFace model."
+            )
+        check_scalar_loss(self.criterion(output, batch.target))
+
+    def _outputs(self, batch: Batch) -> Callable[[Tensor], Tensor]:
+        def outputs(t: Tensor) -> Tensor:
+            return torch.func.functional_call(self.model, self.layout.unflatten(t), batch.inputs)
+
+        return outputs
+
     def _linearise(
-        self, batch: Batch, theta: Tensor
+        self, batch: Batch
     ) -> tuple[
         Callable[[Tensor], Tensor],
         Callable[[Tensor], Tensor],
         Callable[[Tensor], Tensor],
         tuple[int, ...],
     ]:
-        def outputs(t: Tensor) -> Tensor:
-            return torch.func.functional_call(self.model, self.layout.unflatten(t), batch.inputs)
-
-        z, j, jt = _jacobian_products(outputs, theta, "the GGN")
+        z, j, jt = _jacobian_products(self._outputs(batch), self._state.theta)
 
         def loss_of_outputs(out: Tensor) -> Tensor:
             return self.criterion(out, batch.target)
 
         h = vjp(grad(loss_of_outputs), z.detach())[1]
+        return j, lambda u: h(u)[0], jt, tuple(z.shape)
 
-        def hvp_(u: Tensor) -> Tensor:
-            return h(u)[0]
+    def _autograd(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The slow path's graph: ``θ``, ``z``, ``z`` detached, ``∇_z ℓ``, and ``u``, ``Jᵀu``."""
+        theta = self._state.theta.detach().requires_grad_()
+        with torch.enable_grad():
+            z = self._outputs(batch)(theta)
+            zd = z.detach().requires_grad_()
+            (gz,) = torch.autograd.grad(self.criterion(zd, batch.target), zd, create_graph=True)
+            u = torch.zeros_like(z, requires_grad=True)
+            jt_u = torch.zeros_like(theta)
+            if z.requires_grad:
+                (jt_u,) = torch.autograd.grad(z, theta, u, create_graph=True)
+        return theta, z, zd, gz, u, jt_u
 
-        return j, hvp_, jt, tuple(z.shape)
+    def _looped_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
+        """``Jᵀ H J v`` by plain autograd, one column at a time (``J v`` as the VJP of the
+        linear map ``u ↦ Jᵀu``): for models torch.func cannot transform."""
+        theta, z, zd, gz, u, jt_u = self._autograd(batch)
+        with torch.enable_grad():
+            rows = []
+            for v in tangents:
+                jv = _autograd_grad(jt_u, u, v)
+                rows.append(_autograd_grad(z, theta, _autograd_grad(gz, zd, jv)))
+        return torch.stack(rows)
 
-    @_vectorised
-    def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
-        j, h, jt, _ = self._linearise(batch, theta)
-        return vmap(lambda v: jt(h(j(v))))(tangents)
+    def _batch_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
+        def vectorised(rows: Tensor) -> Tensor:
+            j, h, jt, _ = self._linearise(batch)
+            return vmap(lambda v: jt(h(j(v))))(rows)
 
-    @_vectorised
-    def _batch_diagonal(self, batch: Batch, theta: Tensor) -> Tensor:
+        return self._policy("products")(
+            [
+                Strategy("vectorised", vectorised, slow=False),
+                Strategy(
+                    "an autograd loop over columns",
+                    lambda rows: self._looped_matmat(batch, rows),
+                    slow=True,
+                ),
+            ]
+        )(tangents)
+
+    def _batch_diagonal(self, batch: Batch) -> Tensor:
         # diag(Jᵀ H J) = Σ_r J_r ⊙ (Jᵀ H e_r), over the output entries r, a chunk at a time.
-        _, h, jt, shape = self._linearise(batch, theta)
+        def vectorised(e: Tensor) -> Tensor:
+            _, h, jt, shape = self._linearise(batch)
+            e = e.reshape(-1, *shape)
+            return (vmap(jt)(e) * vmap(lambda u: jt(h(u)))(e)).sum(0)
+
+        def looped(e: Tensor) -> Tensor:
+            theta, z, zd, gz, _, _ = self._autograd(batch)
+            with torch.enable_grad():
+                out = torch.zeros_like(theta)
+                for row in e.reshape(-1, *z.shape):
+                    weighted = _autograd_grad(z, theta, _autograd_grad(gz, zd, row))
+                    out += _autograd_grad(z, theta, row) * weighted
+            return out
+
+        columns = self._policy("diagonal")(
+            [
+                Strategy("vectorised", vectorised, slow=False),
+                Strategy("an autograd loop over outputs", looped, slow=True),
+            ]
+        )
+        with torch.no_grad():
+            z_numel = self._outputs(batch)(self._state.theta).numel()
+        theta = self._state.theta
         out = theta.new_zeros(theta.numel())
-        z_numel = torch.Size(shape).numel()
         eye = torch.eye(z_numel, dtype=theta.dtype, device=theta.device)
         for start in range(0, z_numel, TARGET_COLUMNS):
-            e = eye[start : start + TARGET_COLUMNS].reshape(-1, *shape)
-            rows = vmap(jt)(e)
-            weighted = vmap(lambda u: jt(h(u)))(e)
-            out += (rows * weighted).sum(0)
+            out += columns(eye[start : start + TARGET_COLUMNS])
         return out
 
 
@@ -571,43 +723,83 @@ class EmpiricalFisherOperator(CurvatureOperator):
     mean over that sample's outputs). $c = 1/N_{data}$ for ``reduction="mean"`` and 1
     for ``"sum"``. Note that this differs from the Fisher (expectation under the model's
     predictive distribution) and, for ``"mean"``, from BackPACK's convention of per-batch
-    gradients; it is what ``torch.func`` per-sample gradients give.
+    gradients; it is what ``torch.func`` per-sample gradients give. Per-sample gradients need
+    samples that do not influence each other, so ``training=True`` (batch statistics) and
+    models that couple the samples of a batch are refused.
     """
 
-    _through_losses = True  # products of few columns via the loss vector, until that fails
+    def _check_training(self) -> None:
+        if self.training:
+            raise ValueError(
+                "training: the empirical Fisher is built from per-sample gradients, each sample "
+                "evaluated as a batch of one, where batch statistics are meaningless; use "
+                "training=False, or GGNOperator/HessianOperator(..., training=True)."
+            )
 
-    @_vectorised
-    def _per_sample_gradients(self, batch: Batch, theta: Tensor) -> Tensor:
+    def _check_batch(self, batch: Batch) -> None:
+        super()._check_batch(batch)
+        if batch.size < 2:
+            return
+        one = self.model(*(x[:1] for x in batch.inputs))
+        batched = self.model(*batch.inputs)
+        if (
+            isinstance(one, Tensor)
+            and isinstance(batched, Tensor)
+            and one.ndim
+            and batched.numel() == batch.size * one.numel()
+        ):
+            check_independent_samples(
+                self.model,
+                self.layout,
+                batch.inputs,
+                batched,
+                tuple(one.shape[1:]),
+                "EmpiricalFisherOperator",
+            )
+
+    def _per_sample_gradients(self, batch: Batch) -> Tensor:
         g = sample_loss_function(self.model, self.layout.unflatten, self.criterion)
-        try:
-            return vmap(grad(g), in_dims=(None, 0, *(0,) * len(batch.inputs)))(
-                theta, batch.target, *batch.inputs
-            )
-        except (RuntimeError, NotImplementedError) as err:
-            if not getattr(self, "_warned", False):
-                self._warned = True
-                warn_fallback(err, "a loop over samples", stacklevel=5)
-            return torch.stack(
-                [grad(g)(theta, t, *xs) for t, *xs in zip(batch.target, *batch.inputs)]
-            )
+        dims = (None, 0, *(0,) * len(batch.inputs))
+
+        def vectorised(theta: Tensor) -> Tensor:
+            return vmap(grad(g), in_dims=dims)(theta, batch.target, *batch.inputs)
+
+        def looped(theta: Tensor) -> Tensor:
+            samples = zip(cast(Tensor, batch.target), *batch.inputs)
+            return torch.stack([grad(g)(theta, t, *xs) for t, *xs in samples])
+
+        return self._policy("gradients")(
+            [
+                Strategy("vectorised", vectorised, slow=False),
+                Strategy("a loop over samples", looped, slow=True),
+            ]
+        )(self._state.theta)
 
     def _scale(self, batch: Batch) -> float:
-        # The base class weights batches by B_b / N for "mean": use the batch mean here.
-        return 1.0 / batch.size if self.reduction == "mean" else 1.0
+        # Batches are weighted by B_b / N for "mean": use the batch mean here.
+        return 1.0 / batch.size if self.reduction != "sum" else 1.0
 
-    def _batch_matmat(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
-        if tangents.shape[0] <= _FISHER_DIRECT_COLUMNS and self._through_losses:
-            try:
-                return self._scale(batch) * self._products_through_losses(batch, theta, tangents)
-            except (RuntimeError, NotImplementedError):
-                # Not for this model (vmap over samples): the per-sample path computes the
-                # same, or says what failed; later products go there directly.
-                self._through_losses = False
-        g = self._per_sample_gradients(batch, theta)
-        return self._scale(batch) * (tangents @ g.T) @ g
+    def _batch_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
+        def through_gradients(rows: Tensor) -> Tensor:
+            g = self._per_sample_gradients(batch)
+            return (rows @ g.T) @ g
 
-    @_vectorised
-    def _products_through_losses(self, batch: Batch, theta: Tensor, tangents: Tensor) -> Tensor:
+        if tangents.shape[0] > _FISHER_DIRECT_COLUMNS:
+            return self._scale(batch) * through_gradients(tangents)
+        products = self._policy("few columns")(
+            [
+                Strategy(
+                    "vectorised",
+                    lambda rows: self._products_through_losses(batch, rows),
+                    slow=False,
+                ),
+                # The per-sample gradients, with their own fallback (a loop over samples).
+                Strategy("per-sample gradients", through_gradients, slow=False),
+            ]
+        )
+        return self._scale(batch) * products(tangents)
+
+    def _products_through_losses(self, batch: Batch, tangents: Tensor) -> Tensor:
         """``Σ_i g_i (g_iᵀ v)`` without the ``(B, N)`` gradients: ``gᵢᵀ v`` for every sample
         is one Jacobian-vector product of the per-sample loss vector ``ℓ(θ)`` and the sum one
         vector-Jacobian product, ``J_ℓᵀ (J_ℓ v)``; cheaper for a few columns."""
@@ -617,15 +809,15 @@ class EmpiricalFisherOperator(CurvatureOperator):
         def losses(t: Tensor) -> Tensor:
             return vmap(g, in_dims=dims)(t, batch.target, *batch.inputs)  # (B,)
 
-        _, j, jt = _jacobian_products(losses, theta, "the empirical Fisher")
+        _, j, jt = _jacobian_products(losses, self._state.theta)
         return vmap(lambda v: jt(j(v)))(tangents)
 
-    def _batch_dense(self, batch: Batch, theta: Tensor) -> Tensor:
-        g = self._per_sample_gradients(batch, theta)
+    def _batch_dense(self, batch: Batch) -> Tensor:
+        g = self._per_sample_gradients(batch)
         return self._scale(batch) * g.T @ g
 
-    def _batch_diagonal(self, batch: Batch, theta: Tensor) -> Tensor:
-        g = self._per_sample_gradients(batch, theta)
+    def _batch_diagonal(self, batch: Batch) -> Tensor:
+        g = self._per_sample_gradients(batch)
         return self._scale(batch) * g.pow(2).sum(0)
 
 
@@ -633,15 +825,23 @@ def hvp(
     model: nn.Module,
     criterion: Callable[..., Tensor],
     inputs: Tensor | tuple[Tensor, ...],
-    target: Tensor,
+    target: Any,
     vector: Tensor | dict[str, Tensor],
     params: Params = None,
+    *,
+    training: bool = False,
 ) -> Any:
     r"""The loss Hessian times ``vector``: $\nabla^2_\theta\, \ell(\theta)\, v$.
 
     Args:
+        model: The module, evaluated in eval mode; its state is restored afterwards.
+        criterion: Any callable returning a scalar tensor.
+        inputs: A tensor or a tuple of tensors passed positionally to ``model``.
+        target: Passed to ``criterion`` as its second argument (``None`` allowed).
         vector: A flat ``(N,)`` tensor, an ``(N, K)`` matrix (K products, vectorised), or a
             dict of tensors keyed by parameter name; the result has the same form.
+        params: Parameter names or glob patterns; ``None`` selects every trainable parameter.
+        training: The Hessian of the training-mode loss (see `HessianOperator`).
 
     Example:
         >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -651,4 +851,6 @@ def hvp(
         {'weight': tensor([[28., 40.]])}
     """
     # One batch: weight 1 for either reduction, so the product is the batch loss's Hessian.
-    return HessianOperator(model, criterion, (inputs, target), params) @ vector
+    with torch.inference_mode(False):
+        batch = Batch(normalize_inputs(inputs), normal_tensor(target))
+    return HessianOperator(model, criterion, batch, params, training=training) @ vector

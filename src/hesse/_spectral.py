@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hesse._distributed import global_seed
+from hesse._distributed import Shard, global_seed
+from hesse._protocol import Operator, SymmetricOperator
+from hesse._validate import check_seed, check_tolerance, integer, positive_float
 
 __all__ = [
     "EigenResult",
@@ -41,53 +44,79 @@ DENSE_LIMIT = 256
 
 @dataclass(frozen=True)
 class _Linear:
+    """What the algorithms need of ``A``, in the dtype they compute in."""
+
     n: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # float32 for a half-precision A: no half eigh / qr on the CPU
     device: torch.device
     matmat: Callable[[Tensor], Tensor]  # (N, K) -> (N, K)
     dense: Callable[[], Tensor]
-    shard: Any = None  # a distributed operator's Shard: random draws must agree across ranks
+    session: Callable[[], AbstractContextManager[Any]] = nullcontext
+    shard: Shard = field(default_factory=Shard)  # random draws must agree across ranks
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_symmetric(a: Tensor) -> None:
+    """A non-symmetric matrix has no real spectrum to report: refuse it (cheap next to eigh)."""
+    if a.numel() == 0:
+        return
+    scale = float(a.abs().max())
+    gap = float((a - a.mT).abs().max())
+    if not gap <= (torch.finfo(a.dtype).eps ** 0.5) * max(scale, torch.finfo(a.dtype).tiny):
+        raise ValueError(
+            f"A: expected a symmetric matrix, but |A - Aᵀ| reaches {gap:.3g} (largest entry "
+            f"{scale:.3g}); hesse's spectral tools assume symmetry. Symmetrise it with "
+            "(A + A.mT) / 2 if the asymmetry is rounding error."
+        )
 
 
 def _linear(a: Any) -> _Linear:
     if isinstance(a, Tensor):
         if a.ndim != 2 or a.shape[0] != a.shape[1]:
             raise ValueError(
-                f"A: expected a square (N, N) tensor or a hesse operator, got shape "
-                f"{tuple(a.shape)}."
+                f"A: expected a square (N, N) tensor or an operator, got shape {tuple(a.shape)}."
             )
         if not a.is_floating_point():
             raise TypeError(f"A: expected a floating-point matrix, got {a.dtype}.")
-        return _Linear(a.shape[0], a.dtype, a.device, lambda v: a @ v, lambda: a)
-    shape = getattr(a, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != shape[1] or not hasattr(a, "__matmul__"):
+        _check_symmetric(a)
+        m = a.float() if a.dtype in _HALF else a
+        return _Linear(m.shape[0], m.dtype, m.device, lambda v: m @ v, lambda: m)
+    if not isinstance(a, SymmetricOperator):
         raise TypeError(
             "A: expected a symmetric (N, N) tensor or an operator with .shape, .dtype, .device "
             f"and A @ V (such as hesse.HessianOperator), got {type(a).__name__}."
         )
-    to_dense = getattr(a, "to_dense", None)
+    shape = tuple(a.shape)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"A: expected a square (N, N) operator, got shape {shape}.")
+    n = int(shape[0])
+    work = torch.float32 if a.dtype in _HALF else a.dtype
+
+    def matmat(v: Tensor) -> Tensor:
+        return (a @ v.to(a.dtype)).to(work)
 
     def dense() -> Tensor:
-        if to_dense is not None:
-            return to_dense()
-        return a @ torch.eye(shape[0], dtype=a.dtype, device=a.device)
+        to_dense = getattr(a, "to_dense", None)
+        if callable(to_dense):
+            return to_dense().to(work)
+        return matmat(torch.eye(n, dtype=work, device=a.device))
 
-    return _Linear(
-        int(shape[0]), a.dtype, a.device, lambda v: a @ v, dense, getattr(a, "shard", None)
-    )
+    if isinstance(a, Operator):
+        return _Linear(n, work, a.device, matmat, dense, a.session, a.shard)
+    return _Linear(n, work, a.device, matmat, dense)
 
 
 def _generator(seed: Seed, lin: _Linear) -> torch.Generator:
+    seed = check_seed(seed)
     if isinstance(seed, torch.Generator):
         return seed
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed: expected an int, a torch.Generator or None, got {seed!r}.")
     if seed is None:
         # Drawn from torch's global generator, as torch.randn would: torch.manual_seed makes
         # the call reproducible, and nothing is reseeded. Under torch.distributed every rank
         # must draw the same probes: rank 0's seed.
-        distributed = lin.shard is not None and lin.shard.distributed
-        seed = lin.shard.common_seed() if distributed else global_seed()
+        seed = lin.shard.common_seed() if lin.shard.distributed else global_seed()
     g = torch.Generator(device=lin.device)
     g.manual_seed(seed)
     return g
@@ -96,12 +125,6 @@ def _generator(seed: Seed, lin: _Linear) -> torch.Generator:
 def _rademacher(n: int, k: int, lin: _Linear, g: torch.Generator) -> Tensor:
     signs = torch.randint(0, 2, (n, k), generator=g, device=lin.device)
     return (2 * signs - 1).to(lin.dtype)
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}.")
-    return value
 
 
 # ------------------------------------------------------------------------------ eigenpairs
@@ -184,24 +207,44 @@ def eigsh(
     """
     lin = _linear(A)
     n = lin.n
+    tol = check_tolerance(tol)
     if tol is None:
         tol = torch.finfo(lin.dtype).eps ** 0.5
     if which not in _WHICH:
         raise ValueError(f"which: expected one of {_WHICH}, got {which!r}.")
-    _positive_int("k", k)
+    integer("k", k)
+    max_iter = integer("max_iter", max_iter, 0)
+    if max_basis is not None:
+        integer("max_basis", max_basis, 2)
     if k >= n:
         raise ValueError(
             f"k: must be smaller than N = {n} for an iterative solver, got k = {k}; for all "
             "eigenvalues use torch.linalg.eigh(A.to_dense())."
         )
+    with lin.session():
+        return _eigsh(lin, k, which, tol, max_iter, max_basis, seed, dense=isinstance(A, Tensor))
+
+
+def _eigsh(
+    lin: _Linear,
+    k: int,
+    which: str,
+    tol: float,
+    max_iter: int,
+    max_basis: int | None,
+    seed: Seed,
+    *,
+    dense: bool,
+) -> EigenResult:
+    n = lin.n
     if n <= DENSE_LIMIT:
-        dense = lin.dense()
-        values, vectors = torch.linalg.eigh(dense)
+        matrix = lin.dense()
+        values, vectors = torch.linalg.eigh(matrix)
         idx = _order(values, which)[:k]
         values, vectors = values[idx], vectors[:, idx]
-        residuals = torch.linalg.vector_norm(dense @ vectors - vectors * values, dim=0)
+        residuals = torch.linalg.vector_norm(matrix @ vectors - vectors * values, dim=0)
         scale = values.abs().max().clamp_min(torch.finfo(lin.dtype).tiny)
-        used = 0 if isinstance(A, Tensor) else n
+        used = 0 if dense else n
         return EigenResult(values, vectors, residuals, residuals <= tol * scale + 1e-12, used)
 
     m = min(n, max_basis or max(2 * k + 20, 40))
@@ -271,9 +314,14 @@ def sharpness(A: Any, *, tol: float | None = None, seed: Seed = None) -> Tensor:
     if isinstance(A, Tensor) and (A.ndim != 2 or A.shape[-1] <= DENSE_LIMIT):
         if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
             raise ValueError(f"A: expected square matrices (..., N, N), got {tuple(A.shape)}.")
-        return torch.linalg.eigvalsh(A).abs().amax(dim=-1)
-    if _linear(A).n == 1:
-        return _linear(A).dense().abs().reshape(())
+        if not A.is_floating_point():
+            raise TypeError(f"A: expected floating-point matrices, got {A.dtype}.")
+        _check_symmetric(A)
+        return torch.linalg.eigvalsh(A.float() if A.dtype in _HALF else A).abs().amax(dim=-1)
+    lin = _linear(A)
+    if lin.n == 1:
+        with lin.session():
+            return lin.dense().abs().reshape(())
     return eigsh(A, k=1, which="LM", tol=tol, seed=seed).eigenvalues.abs()[0]
 
 
@@ -310,19 +358,23 @@ def trace(
     Example:
         >>> A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
         >>> result = trace(A, num_matvecs=30, method="hutch++", seed=0)
-        >>> float(result.estimate), float(result.stderr)  # rank <= 10 = number of sketches
+        >>> round(float(result.estimate), 8), float(result.stderr)  # rank 10 <= sketches: exact
         (55.0, 0.0)
     """
     lin = _linear(A)
     if method not in ("hutchinson", "hutch++"):
         raise ValueError(f"method: expected 'hutchinson' or 'hutch++', got {method!r}.")
+    m = integer("num_matvecs", num_matvecs, 2 if method == "hutchinson" else 3)
     g = _generator(seed, lin)
+    with lin.session():
+        return _trace(lin, m, method, g)
+
+
+def _trace(lin: _Linear, m: int, method: str, g: torch.Generator) -> TraceResult:
     if method == "hutchinson":
-        m = _positive_int("num_matvecs", num_matvecs, 2)
         z = _rademacher(lin.n, m, lin, g)
         samples = (z * lin.matmat(z)).sum(0)
         return TraceResult(samples.mean(), samples.std() / math.sqrt(m), m)
-    m = _positive_int("num_matvecs", num_matvecs, 3)
     sketch = m // 3
     probes = m - 2 * sketch
     q, _ = torch.linalg.qr(lin.matmat(_rademacher(lin.n, sketch, lin, g)))
@@ -342,7 +394,7 @@ def diagonal(A: Any, num_matvecs: int = 30, method: str = "diag++", *, seed: See
     r"""Estimate the diagonal ``(N,)`` from ``num_matvecs`` products.
 
     ``"hutchinson"``: the mean of $z \odot Az$ over Rademacher probes. ``"diag++"``:
-    a low-rank correction in the spirit of Hutch++ and XDiag — half of the products build a
+    a low-rank correction in the spirit of Hutch++ and XDiag — a third of the products build a
     basis $Q$ of ``A``'s dominant range, $\operatorname{diag}(QQ^\top A)$ is taken
     exactly, and Hutchinson estimates the diagonal of the rest. ``"exact"``: the operator's
     exact ``diagonal()`` (or the dense diagonal), ``num_matvecs`` ignored.
@@ -354,15 +406,19 @@ def diagonal(A: Any, num_matvecs: int = 30, method: str = "diag++", *, seed: See
                 f"method='exact' needs A.diagonal() (a dense tensor or a hesse operator); "
                 f"{type(A).__name__} has only products: use method='diag++' or 'hutchinson'."
             )
-        return A.diagonal()
+        return A.diagonal().to(lin.dtype)
     if method not in ("hutchinson", "diag++"):
         raise ValueError(f"method: expected 'hutchinson', 'diag++' or 'exact', got {method!r}.")
+    m = integer("num_matvecs", num_matvecs, 1 if method == "hutchinson" else 3)
     g = _generator(seed, lin)
+    with lin.session():
+        return _diagonal(lin, m, method, g)
+
+
+def _diagonal(lin: _Linear, m: int, method: str, g: torch.Generator) -> Tensor:
     if method == "hutchinson":
-        m = _positive_int("num_matvecs", num_matvecs)
         z = _rademacher(lin.n, m, lin, g)
         return (z * lin.matmat(z)).mean(1)
-    m = _positive_int("num_matvecs", num_matvecs, 3)
     sketch = m // 3
     probes = m - 2 * sketch
     q, _ = torch.linalg.qr(lin.matmat(_rademacher(lin.n, sketch, lin, g)))
@@ -400,21 +456,23 @@ class SpectralDensity:
     def plot(self, path: Any = None, ax: Any = None, log: bool = True) -> Any:
         """Plot the density (log scale by default) with matplotlib; save a PNG to ``path``.
 
-        Returns the matplotlib axes. Needs the ``plot`` extra (``pip install "hesse[plot]"``).
+        With ``ax`` it draws there; with only ``path`` it draws on a figure of its own that
+        pyplot never sees (the user's backend and open figures are untouched); with neither,
+        on a new pyplot figure, for interactive use. Returns the matplotlib axes. Needs the
+        ``plot`` extra (``pip install "hesse[plot]"``).
         """
         try:
-            import matplotlib
-
-            if ax is None and path is not None:
-                matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+            from matplotlib.figure import Figure
         except ImportError as err:
             raise ImportError(
                 "SpectralDensity.plot() needs matplotlib: pip install 'hesse[plot]'."
             ) from err
-        own = ax is None
-        if own:
-            fig, ax = plt.subplots(figsize=(6, 3.5))
+        if ax is None and path is not None:
+            ax = Figure(figsize=(6, 3.5)).subplots()
+        elif ax is None:
+            import matplotlib.pyplot as plt
+
+            _, ax = plt.subplots(figsize=(6, 3.5))
         grid = self.grid.detach().cpu().double().numpy()
         density = self.density.detach().cpu().double().numpy()
         floor = density.max() * 1e-8 if log else 0.0
@@ -427,8 +485,6 @@ class SpectralDensity:
         ax.set_title(f"Spectral density (SLQ, {self.nodes.shape[0]} probes)")
         if path is not None:
             ax.figure.savefig(path, dpi=120, bbox_inches="tight")
-        if own and path is not None:
-            plt.close(ax.figure)
         return ax
 
 
@@ -474,28 +530,49 @@ def spectral_density(
     $\sum_j w_j f(\theta_j) \approx \frac{1}{N}\operatorname{tr} f(A)$. The density is
     the nodes smoothed by a Gaussian of width ``sigma`` (default 1% of the spectral range),
     normalised to integrate to 1 over the grid.
+
+    Raises:
+        ValueError: ``sigma`` is not a finite number > 0, or ``grid`` (a tensor) is not an
+            increasing 1-D grid or misses the spectrum.
     """
     lin = _linear(A)
-    probes = _positive_int("num_probes", num_probes)
-    steps = min(_positive_int("lanczos_steps", lanczos_steps), lin.n)
+    probes = integer("num_probes", num_probes)
+    steps = min(integer("lanczos_steps", lanczos_steps), lin.n)
+    width = None if sigma is None else positive_float("sigma", sigma)
+    points = None
+    if isinstance(grid, Tensor):
+        if grid.ndim != 1 or grid.numel() < 2 or not bool((grid.diff() > 0).all()):
+            raise ValueError(
+                f"grid: expected an increasing 1-D tensor of at least 2 points, got shape "
+                f"{tuple(grid.shape)}{'' if grid.ndim != 1 else ' (not increasing)'}."
+            )
+        points = grid.to(device=lin.device, dtype=lin.dtype)
+    else:
+        count = integer("grid", grid, 2)
     g = _generator(seed, lin)
     v = torch.randn(lin.n, probes, generator=g, dtype=lin.dtype, device=lin.device)
-    alpha, beta = _lanczos_probes(lin, v, steps)
+    with lin.session():
+        alpha, beta = _lanczos_probes(lin, v, steps)
     tridiagonal = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
     nodes, vectors = torch.linalg.eigh(tridiagonal)
     weights = vectors[:, 0, :] ** 2 / probes
     lo, hi = float(nodes.min()), float(nodes.max())
     span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
-    width = sigma if sigma is not None else 0.01 * span
-    if isinstance(grid, Tensor):
-        points = grid.to(device=lin.device, dtype=lin.dtype)
-    else:
-        count = _positive_int("grid", grid, 2)
+    if width is None:
+        width = 0.01 * span
+    if points is None:
         points = torch.linspace(
             lo - 5 * width, hi + 5 * width, count, dtype=lin.dtype, device=lin.device
         )
     kernel = torch.exp(-0.5 * ((points[:, None] - nodes.reshape(1, -1)) / width) ** 2)
     density = kernel @ weights.reshape(-1) / (width * math.sqrt(2 * math.pi))
-    mass = torch.trapezoid(density, points)
+    mass = float(torch.trapezoid(density, points))
+    if not mass > 1e-6:
+        raise ValueError(
+            f"grid: holds almost none of the spectrum (mass {mass:.3g} of 1): the eigenvalues "
+            f"lie in [{lo:.4g}, {hi:.4g}] but the grid spans [{float(points[0]):.4g}, "
+            f"{float(points[-1]):.4g}] (sigma {width:.3g}); pass a grid that covers them, or "
+            "an int for an automatic grid."
+        )
     density = density / mass
     return SpectralDensity(points, density, nodes, weights, width, probes * steps)

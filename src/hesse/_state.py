@@ -1,4 +1,4 @@
-"""Evaluate a model in eval mode and leave it exactly as it was found."""
+"""Evaluate a model in the requested mode and leave it exactly as it was found."""
 
 from __future__ import annotations
 
@@ -7,44 +7,84 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.dropout import _DropoutNd
 
-__all__ = ["evaluation_mode"]
+__all__ = ["check_training", "model_scope", "model_state"]
+
+
+def check_training(training: object) -> bool:
+    if not isinstance(training, bool):
+        raise TypeError(
+            f"training: expected True (the training-mode loss: batch statistics in BatchNorm) "
+            f"or False (eval mode, the default), got {type(training).__name__} {training!r}."
+        )
+    return training
 
 
 @contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the block, then restore every observable piece of state.
+def model_state(model: nn.Module, *, training: bool = False) -> Iterator[None]:
+    """Put ``model`` in eval mode (or train mode) for the block, then restore all of its state.
+
+    ``training=True`` puts every module in train mode except dropout, which stays off (a random
+    mask would make every product a different matrix; functional dropout is switched off by
+    `hesse._compat.second_order_safe`). Norm layers then normalise with the batch's statistics
+    without tracking them (``track_running_stats`` is off for the block): an update of the
+    running statistics or of ``num_batches_tracked`` inside a transform would fail, and would
+    change the model.
 
     Restored on success and on exception: each module's ``training`` flag, each parameter's
-    ``requires_grad`` and ``.grad`` (the same tensor object), and each buffer's object and values
-    (BatchNorm running statistics, ``num_batches_tracked``). Parameters are never written by hesse;
-    buffers are snapshotted because a model may update them even in eval mode.
+    ``requires_grad``, ``.grad`` (the same tensor object) and values, and each buffer's object
+    and values (BatchNorm running statistics, ``num_batches_tracked``). hesse never writes a
+    parameter, but a model may in its forward (``nn.Embedding(max_norm=...)`` renormalises its
+    weight in place), and may update buffers even in eval mode; both are snapshotted.
     """
     flags = [(m, m.training) for m in model.modules()]
-    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    params = [(p, p.requires_grad, p.grad, p.detach().clone()) for p in model.parameters()]
     buffers = [
         (module, name, buf, buf.detach().clone())
         for module in model.modules()
         for name, buf in module._buffers.items()
         if buf is not None
     ]
-    if any(training for _, training in flags):
-        model.eval()
+    tracking = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+    for module, was in flags:
+        wanted = training and not isinstance(module, _DropoutNd)
+        if was != wanted:  # Module.__setattr__ is slow; skip no-ops
+            module.training = wanted
+    if training:
+        for m in tracking:
+            m.track_running_stats = False
     try:
         yield
     finally:
-        for module, training in flags:
-            if module.training != training:  # Module.__setattr__ is slow; skip no-ops
-                module.training = training
-        for p, requires_grad, grad in params:
-            if p.requires_grad != requires_grad:
-                p.requires_grad_(requires_grad)
-            if p.grad is not grad:
-                p.grad = grad
+        for m in tracking:
+            m.track_running_stats = True
+        for module, was in flags:
+            if module.training != was:
+                module.training = was
         with torch.no_grad():
+            for p, requires_grad, grad, saved in params:
+                if p.requires_grad != requires_grad:
+                    p.requires_grad_(requires_grad)
+                if p.grad is not grad:
+                    p.grad = grad
+                if p.shape != saved.shape:
+                    p.data = saved
+                elif not torch.equal(p, saved):
+                    p.copy_(saved)
             for module, name, buf, saved in buffers:
                 module._buffers[name] = buf
                 if buf.shape != saved.shape:
                     buf.data = saved
                 elif not torch.equal(buf, saved):
                     buf.copy_(saved)
+
+
+@contextmanager
+def model_scope(model: nn.Module, *, training: bool = False) -> Iterator[None]:
+    """Where hesse evaluates a model: its state restored afterwards, no autograd recording
+    unless a path asks for it, and outside ``torch.inference_mode`` (whose tensors cannot take
+    part in the derivatives hesse computes)."""
+    with torch.inference_mode(False), model_state(model, training=training), torch.no_grad():
+        yield

@@ -165,13 +165,21 @@ class Strategy(NamedTuple):
     slow: bool
 
 
-class Fallbacks:
-    """Chooses, once per public call, the fastest strategy that works for the model.
+def _out_of_memory(error: BaseException) -> bool:
+    """Running out of memory is never a reason to take another path: it is the user's to see."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    text = str(error)
+    return isinstance(error, oom) or "out of memory" in text or "can't allocate memory" in text
 
-    Strategy lists are built per parameter block, fastest first. The first chunk of the first
-    block tries them in order; every later block starts from the one that worked, so a call that
-    falls back to a loop warns once (`PerformanceWarning`, naming the reason and the path). Only
-    a first chunk may fall back: a later failure (e.g. out of memory) is a real error.
+
+class Fallbacks:
+    """The one fallback policy: the fastest strategy that works for the model, chosen once.
+
+    A policy lives as long as one public call of a dense function, or one operator (one per
+    kind of computation). Strategy lists are built fastest first. The first chunk tries them in
+    order; every later chunk starts from the one that worked, so a call that falls back to a
+    loop warns once (`PerformanceWarning`, naming the reason and the path). Only a first chunk
+    may fall back, and never on running out of memory: a later failure is a real error.
     """
 
     def __init__(self) -> None:
@@ -189,7 +197,7 @@ class Fallbacks:
                 try:
                     result = strategy.columns(tangents)
                 except (RuntimeError, NotImplementedError) as err:
-                    if i == len(strategies) - 1:
+                    if i == len(strategies) - 1 or _out_of_memory(err):
                         raise
                     first_error = first_error or err
                     continue

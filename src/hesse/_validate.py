@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from hesse._layout import ParamLayout
 
 __all__ = [
     "batch_size",
     "check_chunk_size",
     "check_criterion",
+    "check_finite",
     "check_model",
     "check_model_output",
+    "check_nonempty",
     "check_scalar_loss",
+    "check_seed",
+    "check_tolerance",
+    "integer",
+    "normal_tensor",
     "normalize_inputs",
+    "positive_float",
 ]
 
 
@@ -39,11 +52,11 @@ def check_criterion(criterion: Any) -> Callable[..., Tensor]:
 def normalize_inputs(inputs: Any) -> tuple[Tensor, ...]:
     """A bare tensor is one input; a tuple or list of tensors is passed positionally."""
     if isinstance(inputs, Tensor):
-        return (inputs,)
+        return (normal_tensor(inputs),)
     if isinstance(inputs, (tuple, list)) and inputs:
         bad = [i for i, x in enumerate(inputs) if not isinstance(x, Tensor)]
         if not bad:
-            return tuple(inputs)
+            return tuple(normal_tensor(x) for x in inputs)
         given = ", ".join(f"inputs[{i}] is {type(inputs[i]).__name__}" for i in bad)
         raise TypeError(
             f"inputs: every input must be a torch.Tensor, but {given}; convert it with "
@@ -54,6 +67,77 @@ def normalize_inputs(inputs: Any) -> tuple[Tensor, ...]:
         f"model, got {type(inputs).__name__}; for one input pass the tensor itself, for several "
         "pass inputs=(x, y)."
     )
+
+
+def normal_tensor(x: Any) -> Any:
+    """``x``, or a normal copy of a tensor made under ``torch.inference_mode`` (such tensors
+    cannot be saved for the backward passes hesse runs). Call outside inference mode."""
+    if isinstance(x, Tensor) and x.is_inference():
+        return x.clone()
+    return x
+
+
+def check_nonempty(inputs: tuple[Tensor, ...]) -> None:
+    """A loss over an empty batch is a mean over nothing (NaN) or a constant: refuse it."""
+    empty = [i for i, x in enumerate(inputs) if x.ndim and x.shape[0] == 0]
+    if empty:
+        raise ValueError(
+            f"inputs: the batch is empty (dim 0 of inputs[{empty[0]}] has size 0); the loss of "
+            "no samples has no curvature. Pass at least one sample."
+        )
+
+
+def check_finite(model: nn.Module, layout: ParamLayout) -> None:
+    """Derivatives at NaN or infinite parameters are NaN: say which parameters, up front."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    bad = [n for n in layout.names if not bool(torch.isfinite(named[n]).all())]
+    if bad:
+        raise ValueError(
+            f"model: the parameter(s) {', '.join(bad)} contain NaN or infinite values, so every "
+            "derivative at them is NaN; check the training run that produced them (a diverged "
+            "loss, a learning rate too large) or restore a finite checkpoint."
+        )
+
+
+def integer(name: str, value: Any, minimum: int = 1) -> int:
+    """An int (NumPy integers too, not bools) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r}."
+        )
+    if int(value) < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def positive_float(name: str, value: Any) -> float:
+    """A finite real number > 0 (NumPy and 0-dim tensor numbers too)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a positive number, got {type(value).__name__}.")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}.")
+    return number
+
+
+def check_tolerance(tol: Any) -> float | None:
+    """``None`` (the default for the dtype) or a finite ``tol > 0``."""
+    return None if tol is None else positive_float("tol", tol)
+
+
+def check_seed(seed: Any) -> int | torch.Generator | None:
+    """``None``, an int (NumPy integers too) or a ``torch.Generator``."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(
+            f"seed: expected an int, a torch.Generator or None, got {type(seed).__name__} {seed!r}."
+        )
+    if not -(2**63) <= int(seed) < 2**64:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed!r}.")
+    return int(seed)
 
 
 def batch_size(inputs: tuple[Tensor, ...]) -> int:

@@ -1,0 +1,249 @@
+"""The curvature of one batch: the one home of "Hessian columns of this model on this batch".
+
+The dense functions use it for their one batch, the operators for each batch of their dataset,
+so both take the same transforms, fallbacks and memory planning. A `Curvature` is built without
+evaluating the model; the checks that need a forward pass (`check_independent_samples`) are
+separate, so that an operator pays them once, not per product.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from hesse._functional import (
+    loss_function,
+    model_function,
+    sample_loss_function,
+    sample_model_function,
+)
+from hesse._layout import ParamLayout
+from hesse._memory import Alternative, activation_bytes, plan_chunk
+from hesse._transforms import (
+    ColumnFn,
+    Fallbacks,
+    dense_from_columns,
+    diagonal_from_columns,
+    hessian_columns,
+    sample_hessian_columns,
+)
+
+__all__ = [
+    "Curvature",
+    "alternatives",
+    "check_independent_samples",
+    "dense",
+    "diagonal",
+    "loss_curvature",
+    "model_curvature",
+    "sample_loss_curvature",
+    "sample_model_curvature",
+]
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """A map of the selected parameters whose Hessian is wanted, ready for a transform.
+
+    ``columns(layout, theta, window)`` builds the column function of the map restricted to a
+    sub-layout (other blocks stay at the model's values) and to ``theta[window]`` within it;
+    ``lead`` is the shape of the map's value, batch dim included.
+    """
+
+    model: nn.Module
+    layout: ParamLayout
+    lead: tuple[int, ...]
+    columns: Callable[[ParamLayout, Tensor, slice], ColumnFn]
+    activations: Callable[[ParamLayout, Tensor], int]
+
+
+def model_curvature(
+    model: nn.Module,
+    layout: ParamLayout,
+    args: tuple[Tensor, ...],
+    output_shape: tuple[int, ...],
+    fallbacks: Fallbacks,
+) -> Curvature:
+    """``theta ↦ model(*args)`` as one evaluation (``is_batch=False``)."""
+    scalar = math.prod(output_shape) == 1
+
+    def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
+        f = model_function(model, sub.window(theta, window), args)
+        return fallbacks(hessian_columns(f, theta[window], scalar=scalar))
+
+    def activations(sub: ParamLayout, theta: Tensor) -> int:
+        return activation_bytes(model_function(model, sub.unflatten, args), theta)
+
+    return Curvature(model, layout, output_shape, columns, activations)
+
+
+def sample_model_curvature(
+    model: nn.Module,
+    layout: ParamLayout,
+    args: tuple[Tensor, ...],
+    sample_shape: tuple[int, ...],
+    fallbacks: Fallbacks,
+) -> Curvature:
+    """Each sample's output, the sample evaluated as a batch of one: lead ``(B, *O)``."""
+    b = args[0].shape[0]
+    scalar = math.prod(sample_shape) == 1
+
+    def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
+        g = sample_model_function(model, sub.window(theta, window), sample_shape)
+        return fallbacks(sample_hessian_columns(g, theta[window], args, scalar=scalar))
+
+    def activations(sub: ParamLayout, theta: Tensor) -> int:
+        g = sample_model_function(model, sub.unflatten, sample_shape)
+        return b * activation_bytes(lambda t: g(t, *(x[0] for x in args)), theta)
+
+    return Curvature(model, layout, (b, *sample_shape), columns, activations)
+
+
+def loss_curvature(
+    model: nn.Module,
+    layout: ParamLayout,
+    criterion: Callable[..., Tensor],
+    args: tuple[Tensor, ...],
+    target: Any,
+    fallbacks: Fallbacks,
+) -> Curvature:
+    """``theta ↦ criterion(model(*args), target)``, a scalar: lead ``()``."""
+
+    def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
+        f = loss_function(model, sub.window(theta, window), criterion, args, target)
+        return fallbacks(hessian_columns(f, theta[window], scalar=True))
+
+    def activations(sub: ParamLayout, theta: Tensor) -> int:
+        return activation_bytes(loss_function(model, sub.unflatten, criterion, args, target), theta)
+
+    return Curvature(model, layout, (), columns, activations)
+
+
+def sample_loss_curvature(
+    model: nn.Module,
+    layout: ParamLayout,
+    criterion: Callable[..., Tensor],
+    args: tuple[Tensor, ...],
+    target: Tensor,
+    fallbacks: Fallbacks,
+) -> Curvature:
+    """Each sample's own loss, ``criterion(model(x_b[None]), target[b][None])``: lead ``(B,)``."""
+    b = args[0].shape[0]
+    samples = (target, *args)
+
+    def columns(sub: ParamLayout, theta: Tensor, window: slice) -> ColumnFn:
+        g = sample_loss_function(model, sub.window(theta, window), criterion)
+        return fallbacks(sample_hessian_columns(g, theta[window], samples, scalar=False))
+
+    def activations(sub: ParamLayout, theta: Tensor) -> int:
+        g = sample_loss_function(model, sub.unflatten, criterion)
+        return b * activation_bytes(lambda t: g(t, *(x[0] for x in samples)), theta)
+
+    return Curvature(model, layout, (b,), columns, activations)
+
+
+def check_independent_samples(
+    model: nn.Module,
+    layout: ParamLayout,
+    args: tuple[Tensor, ...],
+    batched: Tensor,
+    sample_shape: tuple[int, ...],
+    what: str,
+) -> None:
+    """Refuse per-sample curvature of a model whose samples influence each other.
+
+    Per-sample results evaluate each sample as a batch of one. A model that couples the samples
+    of a batch (subtracts the batch mean, BatchNorm without running statistics) gives each
+    sample another output alone than in the batch, and its per-sample Hessians would answer for
+    another function. Both outputs are cheap next to the Hessians: compare them.
+    """
+    b = args[0].shape[0]
+    theta = layout.gather(model)
+    f = sample_model_function(model, layout.unflatten, sample_shape)
+    try:
+        alone = vmap(f, in_dims=(None, *(0,) * len(args)))(theta, *args)
+    except (RuntimeError, NotImplementedError):  # not batchable over samples (nn.LSTM)
+        alone = torch.stack([f(theta, *sample) for sample in zip(*args)])
+    together = batched.reshape(b, *sample_shape)
+    tol = torch.finfo(together.dtype).eps ** 0.5
+    scale = max(float(together.abs().max()) if together.numel() else 0.0, 1.0)
+    gap = float((alone - together).abs().max()) if together.numel() else 0.0
+    if not gap <= tol * scale:
+        raise ValueError(
+            f"model: {what} evaluates each sample as a batch of one, but this model's output "
+            f"for a sample alone differs from its output within the batch (by {gap:.3g}): it "
+            "couples the samples of a batch (batch statistics such as "
+            "BatchNorm(track_running_stats=False), or an operation across dim 0), so per-sample "
+            "Hessians would belong to another function. Use is_batch=False to differentiate the "
+            "batched output as one evaluation, or the loss functions for the batch loss."
+        )
+
+
+# ----------------------------------------------------------------------- dense and diagonal
+
+
+def alternatives(c: Curvature, *, diagonal: bool = True) -> list[Alternative]:
+    """Cheaper calls than a dense result, with their result sizes; ``diagonal=False`` when
+    the failing call is the diagonal itself."""
+    itemsize = c.layout.dtype.itemsize
+    lanes = math.prod(c.lead)
+    options: list[Alternative] = []
+    if diagonal:
+        options.append(
+            ("the exact diagonal (*_hessian_diagonal)", c.layout.numel * lanes * itemsize)
+        )
+    if len(c.layout.names) > 1:
+        blocks = sum(k * k for k in c.layout.numels) * lanes * itemsize
+        options.append(("diagonal_only=True in dict form", blocks))
+    options.append(("params=[...] to select fewer parameters", None))
+    if not c.lead:  # a loss: its curvature is also available matrix-free
+        options.append(("a matrix-free hesse.HessianOperator with hesse.eigsh / hesse.trace", None))
+    return options
+
+
+def _plan(
+    c: Curvature,
+    sub: ParamLayout,
+    theta: Tensor,
+    what: str,
+    out: tuple[int, ...],
+    chunk_size: int | None,
+) -> int:
+    return plan_chunk(
+        what=what,
+        n=sub.numel,
+        lead=c.lead,
+        output_shape=out,
+        dtype=sub.dtype,
+        device=sub.device,
+        chunk_size=chunk_size,
+        activations=lambda: c.activations(sub, theta),
+        alternatives=alternatives(c, diagonal=len(out) > len(c.lead) + 1),
+    ).chunk
+
+
+def dense(
+    c: Curvature, sub: ParamLayout, chunk_size: int | None, what: str, theta: Tensor | None = None
+) -> Tensor:
+    """The ``(*lead, n, n)`` Hessian of the blocks of ``sub``, planned to fit in memory."""
+    theta = sub.gather(c.model) if theta is None else theta
+    n = sub.numel
+    chunk = _plan(c, sub, theta, what, (*c.lead, n, n), chunk_size)
+    return dense_from_columns(partial(c.columns, sub, theta), n, c.lead, chunk, theta)
+
+
+def diagonal(
+    c: Curvature, chunk_size: int | None, what: str, theta: Tensor | None = None
+) -> Tensor:
+    """The exact ``(*lead, N)`` diagonal, planned to fit in memory."""
+    theta = c.layout.gather(c.model) if theta is None else theta
+    n = c.layout.numel
+    chunk = _plan(c, c.layout, theta, what, (*c.lead, n), chunk_size)
+    return diagonal_from_columns(partial(c.columns, c.layout, theta), n, c.lead, chunk, theta)

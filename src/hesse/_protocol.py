@@ -1,0 +1,76 @@
+"""The operator protocol: what hesse's algorithms accept, and what hesse's own operators add.
+
+Every algorithm (``eigsh``, ``sharpness``, ``trace``, ``diagonal``, ``spectral_density``)
+accepts a dense symmetric tensor or any object of the `SymmetricOperator` protocol: ``shape``,
+``dtype``, ``device`` and ``A @ V`` for ``V`` of shape ``(N,)`` and ``(N, K)``. hesse's own
+operators derive from `Operator`, which adds two things an algorithm may rely on:
+
+- ``shard``: where the operator's data lives under ``torch.distributed``, so that every rank
+  draws the same random probes. It is abstract: an `Operator` subclass (a wrapper, say) cannot
+  be instantiated without saying where its data lives.
+- ``session()``: a context inside which products may reuse work (a kept gradient graph), since
+  the algorithm guarantees that nothing changes between them. Outside a session every product
+  starts from the model as it is at that moment.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from hesse._distributed import Shard
+
+__all__ = ["Operator", "SymmetricOperator"]
+
+
+@runtime_checkable
+class SymmetricOperator(Protocol):
+    """A symmetric ``N x N`` matrix known through its products."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __matmul__(self, other: Tensor, /) -> Any: ...
+
+
+class Operator(ABC):
+    """Base class of hesse's operators: the protocol, plus ``shard`` and ``session()``."""
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int]: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @property
+    @abstractmethod
+    def shard(self) -> Shard:
+        """Where the data lives: ``Shard()`` for this process alone."""
+
+    @abstractmethod
+    def __matmul__(self, other: Any) -> Any: ...
+
+    def session(self) -> AbstractContextManager[None]:
+        """Products inside the block may reuse work; nothing may change the model meanwhile."""
+        return nullcontext()
+
+    def to_dense(self) -> Tensor:
+        """The ``(N, N)`` matrix, from products with the identity's columns."""
+        n = self.shape[0]
+        return self @ torch.eye(n, dtype=self.dtype, device=self.device)
