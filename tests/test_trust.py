@@ -634,3 +634,59 @@ def test_dataloader_products_follow_the_data() -> None:
     op = hesse.HessianOperator(model, crit, loader)
     v = torch.randn(op.shape[0], generator=_gen(18), dtype=F64)
     assert_close(op @ v, oracle(model, crit, [(x, y)]) @ v)
+
+
+# ------------------------------------------------------------- structure: protocol, fallbacks
+
+
+def test_operator_protocol_accepts_a_users_class_and_wrappers_must_say_where_data_live() -> None:
+    from hesse._protocol import Operator
+
+    a = torch.diag(torch.arange(1.0, 301.0, dtype=F64))
+
+    class Mine:  # the protocol: shape, dtype, device and @
+        shape, dtype, device = a.shape, a.dtype, a.device
+
+        def __matmul__(self, v: Tensor) -> Tensor:
+            return a @ v
+
+    top = hesse.eigsh(Mine(), k=2, seed=0)
+    assert_close(top.eigenvalues, torch.tensor([300.0, 299.0], dtype=F64), rtol=1e-9)
+    tr = hesse.trace(Mine(), num_matvecs=60, seed=0)
+    assert abs(float(tr.estimate) - 45150.0) < 4 * float(tr.stderr)
+
+    class Forgetful(Operator):  # a wrapper that does not say where its data live
+        shape, dtype, device = a.shape, a.dtype, a.device
+
+        def __matmul__(self, v: Tensor) -> Tensor:
+            return a @ v
+
+    with pytest.raises(TypeError, match="abstract"):
+        Forgetful()  # type: ignore[abstract]
+    with pytest.raises(TypeError, match=r"A: expected a symmetric \(N, N\) tensor or an operator"):
+        hesse.eigsh(object())
+
+
+def test_out_of_memory_is_never_a_reason_to_fall_back() -> None:
+    from hesse._transforms import Fallbacks, Strategy
+
+    def oom(_: Tensor) -> Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def fine(t: Tensor) -> Tensor:
+        return t
+
+    policy = Fallbacks()
+    columns = policy([Strategy("vectorised", oom, False), Strategy("loop", fine, True)])
+    with pytest.raises(torch.OutOfMemoryError):
+        columns(torch.ones(2))
+    # Any other failure of the first chunk falls back, once, and the choice settles.
+    flaky = Fallbacks()
+
+    def fails(_: Tensor) -> Tensor:
+        raise RuntimeError("vmap: batching rule not implemented")
+
+    columns = flaky([Strategy("vectorised", fails, False), Strategy("loop", fine, True)])
+    with pytest.warns(hesse.PerformanceWarning, match="batching rule not implemented"):
+        assert_close(columns(torch.ones(2, dtype=F64)), torch.ones(2, dtype=F64))
+    assert_close(columns(torch.zeros(2, dtype=F64)), torch.zeros(2, dtype=F64))

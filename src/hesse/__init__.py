@@ -35,8 +35,7 @@ from hesse._spectral import (
     trace,
 )
 from hesse._transforms import PerformanceWarning
-
-__version__ = "0.1.0"
+from hesse._version import __version__
 
 __all__ = [
     "CurvatureOperator",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -82,9 +82,7 @@ class _Session:
 
     params: dict[str, Tensor]
     theta: Tensor
-    graph: tuple[Any, ...] | None = None
-    samples: int = 0  # counted in the latest pass over the data
-    extra: dict[str, Any] = field(default_factory=dict)
+    graph: tuple[Any, ...] | None = None  # (key, batch tensors, leaves, gradients)
 
 
 class CurvatureOperator(Operator):
@@ -151,6 +149,7 @@ class CurvatureOperator(Operator):
         self._policies: dict[str, Fallbacks] = {}
         self._active: _Session | None = None
         self._num_samples = self._agree_across_ranks()
+        self._num_batches = self.data.num_batches  # this rank's, as of the latest pass
         with self.session():
             first = next(iter(self.data))
             with second_order_safe():
@@ -220,7 +219,7 @@ class CurvatureOperator(Operator):
         return (
             f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, "
             f"reduction={self.reduction!r}, samples={self.num_samples}, "
-            f"batches={self.data.num_batches})"
+            f"batches={self._num_batches})"
         )
 
     # -- sessions -------------------------------------------------------------------------------
@@ -236,6 +235,7 @@ class CurvatureOperator(Operator):
         with model_scope(self.model, training=self.training):
             params = self._resolve_parameters()
             theta = torch.cat([params[n].detach().reshape(-1) for n in self.layout.names])
+            check_finite(self.model, self.layout, theta)
             self._active = _Session(params, theta)
             try:
                 yield
@@ -260,7 +260,6 @@ class CurvatureOperator(Operator):
                     f"{p.device}, but the operator was built for {tuple(shape)} {layout.dtype} "
                     f"on {layout.device}; build a new operator for the changed model."
                 )
-        check_finite(self.model, layout)
         return {n: named[n] for n in layout.names}
 
     @property
@@ -386,9 +385,10 @@ class CurvatureOperator(Operator):
         and evaluated inside it.
         """
         mean = self.reduction != "sum"
-        count = 0
+        count = batches = 0
         for batch in self._batches():
             count += batch.size
+            batches += 1
             with second_order_safe():
                 value = per_batch(batch)
             out.add_(value, alpha=batch.size if mean else 1)
@@ -400,7 +400,7 @@ class CurvatureOperator(Operator):
                 "data: no samples in this pass over the data (it held some when the operator "
                 "was built); an operator needs data to have curvature."
             )
-        self._num_samples = count
+        self._num_samples, self._num_batches = count, batches
         out = self.shard.all_reduce(out)
         return out.div_(count) if mean else out
 

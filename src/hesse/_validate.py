@@ -87,8 +87,13 @@ def check_nonempty(inputs: tuple[Tensor, ...]) -> None:
         )
 
 
-def check_finite(model: nn.Module, layout: ParamLayout) -> None:
-    """Derivatives at NaN or infinite parameters are NaN: say which parameters, up front."""
+def check_finite(model: nn.Module, layout: ParamLayout, theta: Tensor | None = None) -> None:
+    """Derivatives at NaN or infinite parameters are NaN: say which parameters, up front.
+
+    ``theta``: the selected parameters already gathered into one vector (one check for all).
+    """
+    if theta is not None and bool(torch.isfinite(theta).all()):
+        return
     named = dict(model.named_parameters(remove_duplicate=False))
     bad = [n for n in layout.names if not bool(torch.isfinite(named[n]).all())]
     if bad:
