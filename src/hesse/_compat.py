@@ -3,7 +3,7 @@
 `second_order_safe` is the one context in which hesse evaluates a model for derivatives, on
 every path (vectorised or plain autograd, dense or operator); nothing else needs remembering.
 
-- torch's forward-AD decompositions are loaded once up front (see `_load_forward_ad`).
+- torch's forward-AD decompositions are loaded once up front (see `load_forward_ad`).
 - Fused attention kernels (flash / memory-efficient, CPU and GPU) have no second derivative;
   the MATH backend of ``scaled_dot_product_attention`` has one.
 - ``vmap`` batching rules of the layer-norm and batch-norm *backward* kernels give wrong second
@@ -42,12 +42,12 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["second_order_safe"]
+__all__ = ["load_forward_ad", "second_order_safe"]
 
 _forward_ad_ready = False
 
 
-def _load_forward_ad() -> None:
+def load_forward_ad() -> None:
     """Import torch's forward-AD decompositions once, without its internal deprecation warning.
 
     torch 2.13 registers them through ``torch.jit.script`` on the first ``jvp``, which emits
@@ -245,7 +245,7 @@ def second_order_safe() -> Iterator[None]:
     Attention runs on the MATH kernel (the only one with a second derivative); norms, weight
     norm and dropout go through the replacements above; checkpointing is off.
     """
-    _load_forward_ad()
+    load_forward_ad()
     with ExitStack() as stack:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         stack.enter_context(_checkpoint_off())

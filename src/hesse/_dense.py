@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hesse._compat import second_order_safe
 from hesse._curvature import (
     Curvature,
     alternatives,
@@ -27,6 +26,7 @@ from hesse._curvature import (
     sample_loss_curvature,
     sample_model_curvature,
 )
+from hesse._functional import evaluate, loss
 from hesse._layout import ParamLayout
 from hesse._memory import plan_chunk
 from hesse._spectral import sharpness
@@ -74,7 +74,7 @@ def _model_curvature(
     layout = ParamLayout.from_module(model, params)
     check_finite(model, layout)
     if not is_batch:
-        output = check_model_output(model(*args))
+        output = check_model_output(evaluate(model, None, args))
         return model_curvature(model, layout, args, tuple(output.shape), Fallbacks())
     if training:
         raise ValueError(
@@ -83,10 +83,12 @@ def _model_curvature(
             "the batched output in train mode, or training=False."
         )
     b = batch_size(args)
-    one = check_model_output(model(*(x[:1] for x in args)), what="model (one sample)")
+    one = check_model_output(
+        evaluate(model, None, tuple(x[:1] for x in args)), what="model (one sample)"
+    )
     # A batch of one keeps a leading dim of size 1 unless the model flattened it away.
     sample_shape = tuple(one.shape[1:] if one.ndim and one.shape[0] == 1 else one.shape)
-    batched = check_model_output(model(*args))
+    batched = check_model_output(evaluate(model, None, args))
     if batched.numel() != b * one.numel():
         raise ValueError(
             f"model: with is_batch=True each sample's output must not depend on the other samples, "
@@ -106,7 +108,7 @@ def _loss_curvature(
     check_nonempty(args)
     layout = ParamLayout.from_module(model, params)
     check_finite(model, layout)
-    check_scalar_loss(criterion(model(*args), target))
+    check_scalar_loss(loss(criterion, model, None, args, target))
     return loss_curvature(model, layout, criterion, args, target, Fallbacks())
 
 
@@ -125,10 +127,11 @@ def _sample_loss_curvature(
         )
     layout = ParamLayout.from_module(model, params)
     check_finite(model, layout)
-    one = model(*(x[:1] for x in args))
-    check_scalar_loss(criterion(one, target[:1]))
+    first = tuple(x[:1] for x in args)
+    check_scalar_loss(loss(criterion, model, None, first, target[:1]))
+    one = evaluate(model, None, first)
     if isinstance(one, Tensor) and one.ndim and one.shape[0] == 1:
-        batched = model(*args)
+        batched = evaluate(model, None, args)
         if isinstance(batched, Tensor) and batched.numel() == b * one.numel():
             check_independent_samples(model, layout, args, batched, tuple(one.shape[1:]), what)
     return sample_loss_curvature(model, layout, criterion, args, target, Fallbacks())
@@ -180,9 +183,9 @@ def _dict(
 
 
 def _run(model: nn.Module, build: Callable[[], Any], training: bool = False) -> Any:
-    """Evaluate ``build()`` where hesse evaluates models: state restored, second derivatives
-    made safe (`hesse._compat`)."""
-    with model_scope(check_model(model), training=check_training(training)), second_order_safe():
+    """Evaluate ``build()`` with the model's state restored afterwards (`hesse._state`); every
+    evaluation of the model inside goes through `hesse._functional`."""
+    with model_scope(check_model(model), training=check_training(training)):
         return build()
 
 

@@ -3,6 +3,11 @@
 ``params_of`` maps the flat vector to the parameter dict handed to ``functional_call``: a
 `ParamLayout`'s ``unflatten``, or its ``window`` view when only some entries are differentiated.
 Parameters missing from the dict keep the model's own values.
+
+`evaluate` and `loss` are the only places where hesse runs a user's model or criterion: inside
+`hesse._compat.second_order_safe`, so every path (vectorised or plain autograd, dense or
+operator, the checks too) gets the same second-derivative fixes by construction, and work that
+only replays a graph (a kept gradient graph's backward) pays nothing for them.
 """
 
 from __future__ import annotations
@@ -13,16 +18,48 @@ from typing import Any
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from hesse._compat import second_order_safe
+
 ParamsOf = Callable[[Tensor], dict[str, Tensor]]
 
 
 __all__ = [
     "ParamsOf",
+    "criterion_loss",
+    "evaluate",
+    "loss",
     "loss_function",
     "model_function",
     "sample_loss_function",
     "sample_model_function",
 ]
+
+
+def evaluate(model: nn.Module, params: dict[str, Tensor] | None, inputs: tuple[Any, ...]) -> Any:
+    """``model(*inputs)``, with ``params`` in place of the model's own when given."""
+    with second_order_safe():
+        if params is None:
+            return model(*inputs)
+        return functional_call(model, params, inputs)
+
+
+def loss(
+    criterion: Callable[..., Tensor],
+    model: nn.Module,
+    params: dict[str, Tensor] | None,
+    inputs: tuple[Any, ...],
+    target: Any,
+) -> Tensor:
+    """``criterion(model(*inputs), target)``, ``params`` in place of the model's own if given."""
+    with second_order_safe():
+        output = model(*inputs) if params is None else functional_call(model, params, inputs)
+        return criterion(output, target)
+
+
+def criterion_loss(criterion: Callable[..., Tensor], output: Any, target: Any) -> Tensor:
+    """``criterion(output, target)`` of outputs already computed (the GGN's outer loss)."""
+    with second_order_safe():
+        return criterion(output, target)
 
 
 def model_function(
@@ -31,7 +68,7 @@ def model_function(
     """``theta ↦ model(*inputs)`` with the selected blocks replaced by views of ``theta``."""
 
     def f(theta: Tensor) -> Tensor:
-        return functional_call(model, params_of(theta), inputs)
+        return evaluate(model, params_of(theta), inputs)
 
     return f
 
@@ -46,7 +83,7 @@ def loss_function(
     """``theta ↦ criterion(model(*inputs), target)``, a scalar."""
 
     def f(theta: Tensor) -> Tensor:
-        return criterion(functional_call(model, params_of(theta), inputs), target)
+        return loss(criterion, model, params_of(theta), inputs, target)
 
     return f
 
@@ -62,7 +99,7 @@ def sample_model_function(
 
     def f(theta: Tensor, *sample: Tensor) -> Tensor:
         batch = tuple(x.unsqueeze(0) for x in sample)
-        return functional_call(model, params_of(theta), batch).reshape(output_shape)
+        return evaluate(model, params_of(theta), batch).reshape(output_shape)
 
     return f
 
@@ -74,7 +111,6 @@ def sample_loss_function(
 
     def f(theta: Tensor, target: Tensor, *sample: Tensor) -> Tensor:
         batch = tuple(x.unsqueeze(0) for x in sample)
-        output = functional_call(model, params_of(theta), batch)
-        return criterion(output, target.unsqueeze(0))
+        return loss(criterion, model, params_of(theta), batch, target.unsqueeze(0))
 
     return f

@@ -23,11 +23,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
-from hesse._compat import second_order_safe
 from hesse._curvature import check_independent_samples, dense, diagonal, loss_curvature
 from hesse._data import Batch, Dataset, as_dataset
 from hesse._distributed import Shard, resolve_shard
-from hesse._functional import sample_loss_function
+from hesse._functional import criterion_loss, evaluate, loss, sample_loss_function
 from hesse._layout import ParamLayout
 from hesse._memory import TARGET_COLUMNS, plan_chunk
 from hesse._protocol import Operator
@@ -151,9 +150,7 @@ class CurvatureOperator(Operator):
         self._num_samples = self._agree_across_ranks()
         self._num_batches = self.data.num_batches  # this rank's, as of the latest pass
         with self.session():
-            first = next(iter(self.data))
-            with second_order_safe():
-                self._check_batch(first)
+            self._check_batch(next(iter(self.data)))
             if check_deterministic:
                 self._check_deterministic()
 
@@ -162,7 +159,7 @@ class CurvatureOperator(Operator):
 
     def _check_batch(self, batch: Batch) -> None:
         """One forward pass at construction: the loss is a scalar."""
-        check_scalar_loss(self.criterion(self.model(*batch.inputs), batch.target))
+        check_scalar_loss(loss(self.criterion, self.model, None, batch.inputs, batch.target))
 
     def _agree_across_ranks(self) -> int:
         """The global sample count; every rank fails alike on an empty or mismatched shard."""
@@ -381,17 +378,13 @@ class CurvatureOperator(Operator):
 
         ``w_b = B_b / N`` for a mean-reduced loss and 1 for a sum, with ``N`` the samples of
         this very pass: a list that grew since construction is weighted by what it holds now.
-        Batches are loaded outside `second_order_safe` (its mode would see every indexing op)
-        and evaluated inside it.
         """
         mean = self.reduction != "sum"
         count = batches = 0
         for batch in self._batches():
             count += batch.size
             batches += 1
-            with second_order_safe():
-                value = per_batch(batch)
-            out.add_(value, alpha=batch.size if mean else 1)
+            out.add_(per_batch(batch), alpha=batch.size if mean else 1)
         if self.shard.distributed:
             total = self.shard.all_reduce(torch.tensor([count], dtype=torch.float64))
             count = int(total.item())
@@ -462,10 +455,9 @@ class CurvatureOperator(Operator):
         def fingerprints() -> list[tuple[float, float]]:
             prints = []
             for batch in self._batches():
-                with second_order_safe():
-                    loss = self.criterion(self.model(*batch.inputs), batch.target)
+                value = loss(self.criterion, self.model, None, batch.inputs, batch.target)
                 data = sum(float(x.double().sum()) for x in batch.tensors())
-                prints.append((float(loss), data))
+                prints.append((float(value), data))
             return prints
 
         first, second = fingerprints(), fingerprints()
@@ -556,11 +548,9 @@ class HessianOperator(CurvatureOperator):
         session.graph = None
         leaves = [session.params[n].detach().requires_grad_() for n in self.layout.names]
         with torch.enable_grad():
-            output = torch.func.functional_call(
-                self.model, dict(zip(self.layout.names, leaves)), batch.inputs
-            )
-            loss = self.criterion(output, batch.target)
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            params = dict(zip(self.layout.names, leaves))
+            value = loss(self.criterion, self.model, params, batch.inputs, batch.target)
+            grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
         if keep:
             session.graph = (key, tensors, leaves, grads)
         return leaves, grads, keep
@@ -604,7 +594,7 @@ class GGNOperator(CurvatureOperator):
     """
 
     def _check_batch(self, batch: Batch) -> None:
-        output = self.model(*batch.inputs)
+        output = evaluate(self.model, None, batch.inputs)
         if not isinstance(output, Tensor):
             raise TypeError(
                 f"model: the GGN needs the model to return one tensor (the outputs z whose "
@@ -612,11 +602,11 @@ class GGNOperator(CurvatureOperator):
                 "forward returns the logits, e.g. a module whose forward returns "
                 "model(x).logits for a HuggingFace model."
             )
-        check_scalar_loss(self.criterion(output, batch.target))
+        check_scalar_loss(criterion_loss(self.criterion, output, batch.target))
 
     def _outputs(self, batch: Batch) -> Callable[[Tensor], Tensor]:
         def outputs(t: Tensor) -> Tensor:
-            return torch.func.functional_call(self.model, self.layout.unflatten(t), batch.inputs)
+            return evaluate(self.model, self.layout.unflatten(t), batch.inputs)
 
         return outputs
 
@@ -631,7 +621,7 @@ class GGNOperator(CurvatureOperator):
         z, j, jt = _jacobian_products(self._outputs(batch), self._state.theta)
 
         def loss_of_outputs(out: Tensor) -> Tensor:
-            return self.criterion(out, batch.target)
+            return criterion_loss(self.criterion, out, batch.target)
 
         h = vjp(grad(loss_of_outputs), z.detach())[1]
         return j, lambda u: h(u)[0], jt, tuple(z.shape)
@@ -642,7 +632,8 @@ class GGNOperator(CurvatureOperator):
         with torch.enable_grad():
             z = self._outputs(batch)(theta)
             zd = z.detach().requires_grad_()
-            (gz,) = torch.autograd.grad(self.criterion(zd, batch.target), zd, create_graph=True)
+            outer = criterion_loss(self.criterion, zd, batch.target)
+            (gz,) = torch.autograd.grad(outer, zd, create_graph=True)
             u = torch.zeros_like(z, requires_grad=True)
             jt_u = torch.zeros_like(theta)
             if z.requires_grad:
@@ -740,8 +731,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
         super()._check_batch(batch)
         if batch.size < 2:
             return
-        one = self.model(*(x[:1] for x in batch.inputs))
-        batched = self.model(*batch.inputs)
+        one = evaluate(self.model, None, tuple(x[:1] for x in batch.inputs))
+        batched = evaluate(self.model, None, batch.inputs)
         if (
             isinstance(one, Tensor)
             and isinstance(batched, Tensor)

@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
+from hesse._compat import load_forward_ad
+
 __all__ = ["check_training", "model_scope", "model_state"]
 
 
@@ -86,5 +88,6 @@ def model_scope(model: nn.Module, *, training: bool = False) -> Iterator[None]:
     """Where hesse evaluates a model: its state restored afterwards, no autograd recording
     unless a path asks for it, and outside ``torch.inference_mode`` (whose tensors cannot take
     part in the derivatives hesse computes)."""
+    load_forward_ad()  # before any jvp: torch's own loading would warn at the user
     with torch.inference_mode(False), model_state(model, training=training), torch.no_grad():
         yield
