@@ -132,11 +132,13 @@ def test_eigenvalues_and_trace_match_the_dense_hessian(
     )
     assert all(report["top"]["converged"]) and report["top"]["num_matvecs"] > 0
     trace = report["trace"]
+    assert trace["method"] == "hutch++" and trace["num_matvecs"] == 90  # N = 403 > 90 products
     assert abs(trace["estimate"] - h.trace().item()) < 5 * trace["stderr"]
     assert "density" not in report  # only what was asked for
+    assert report["analyses"] == ["top-3", "bottom-2", "trace"] and report["analyses_named"]
     # Every number printed is in the report.
     assert f"{report['top']['eigenvalues'][0]: .6e}" in out
-    assert f"{trace['estimate']:.6e}" in out
+    assert f"{trace['estimate']:.6e} ± " in out
     assert str(tmp_path / "report.json") in out
 
 
@@ -172,17 +174,177 @@ def test_defaults_write_density_and_heatmap(
     assert set(report) >= {"top", "trace", "density"} and "bottom" not in report
     assert len(report["top"]["eigenvalues"]) == 5
     assert report["reduction"] == "sum"
+    assert report["analyses"] == ["top-5", "trace", "density"]
+    assert report["analyses_named"] is False
+    assert "analyses    top-5, trace, density (the defaults: no analysis was named)" in out
     ns = _user_module(user_file)
     x, y = ns["data"]()
     h = _flat_loss_hessian(ns["model"](4), nn.CrossEntropyLoss(reduction="sum"), x, y)
     exact = torch.linalg.eigvalsh(h)
+    torch.testing.assert_close(  # N = 43: from the dense matrix, largest first
+        torch.tensor(report["top"]["eigenvalues"], dtype=torch.float64),
+        exact[-5:].flip(0),
+        rtol=1e-6,
+        atol=1e-8,
+    )
+    assert report["top"]["method"] == "exact"
     low, high = report["density"]["range"]
     assert low == pytest.approx(exact[0].item(), rel=1e-6, abs=1e-8)
     assert high == pytest.approx(exact[-1].item(), rel=1e-6)
     pytest.importorskip("matplotlib")
     for name in ("spectral_density.png", "curvature_heatmap.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-        assert str(tmp_path / name) in report["figures"]
+    assert report["figures"] == ["spectral_density.png", "curvature_heatmap.png"]
+
+
+def test_report_names_its_figures_relative_to_out(
+    user_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--out`` given relative to the working folder, then the folder moved: the report's
+    figure paths are file names inside it, and still name its files."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    args = ["analyze", f"{user_file}:tiny", "--density", "--no-progress"]
+    status, out, err = _run([*args, "--out", "runs/../runs/tiny"], capsys)
+    assert status == 0, err
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "runs" / "tiny").rename(moved)
+    report = json.loads((moved / "report.json").read_text())
+    assert report["figures"] == ["spectral_density.png", "curvature_heatmap.png"]
+    for name in report["figures"]:
+        assert (moved / name).read_bytes()[:4] == b"\x89PNG"
+    assert "wrote runs/../runs/tiny/report.json" in out  # the printout keeps the path as given
+
+
+def test_naming_one_analysis_runs_only_it_and_says_so(
+    user_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["analyze", f"{user_file}:tiny", "--density", "--no-progress"]
+    status, out, err = _run([*args, "--out", str(tmp_path)], capsys)
+    assert status == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "top" not in report and "trace" not in report and "density" in report
+    assert report["analyses"] == ["density"] and report["analyses_named"] is True
+    line = (
+        "analyses    density (named; the defaults top-5, trace, density apply only when none "
+        "is named)"
+    )
+    assert line in out.splitlines()
+    # --help says so in its epilog and in each analysis flag's help.
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the flags' help
+    assert "Naming any of them runs only the ones named (--density alone: no eigenvalues" in text
+    for flag in ("--top-k K", "--bottom-k K", "--trace", "--density"):
+        after = text.split(f" {flag} ", 1)[1]
+        assert after.split(" --", 1)[0].endswith(
+            "naming any analysis runs only those named (none named: top-5, trace, density)"
+        ), flag
+
+
+def test_at_most_256_parameters_the_trace_and_density_are_exact(
+    user_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """N = 43: the trace and the density come from the dense matrix, whatever
+    --trace-matvecs says; the trace is printed without a standard error."""
+    args = ["analyze", f"{user_file}:tiny", "--trace", "--density", "--trace-matvecs", "3"]
+    status, out, err = _run([*args, "--no-progress", "--out", str(tmp_path)], capsys)
+    assert status == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    ns = _user_module(user_file)
+    model, criterion, data = ns["tiny"]()
+    dense = hesse.HessianOperator(model, criterion, data).to_dense()
+    n = dense.shape[0]
+    assert report["dense"]["num_matvecs"] == n == 43
+    trace = report["trace"]
+    assert trace["method"] == "exact" and trace["num_matvecs"] == n
+    assert trace["estimate"] == pytest.approx(dense.trace().item(), rel=1e-6)
+    assert f"trace       {trace['estimate']:.6e} (exact, " in out
+    assert "±" not in out
+    density = report["density"]
+    assert density["method"] == "exact" and density["num_matvecs"] == n
+    nodes = torch.tensor(density["nodes"], dtype=torch.float64)
+    weights = torch.tensor(density["weights"], dtype=torch.float64)
+    assert nodes.shape == weights.shape == (1, n)
+    torch.testing.assert_close(nodes[0], torch.linalg.eigvalsh(dense), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(weights, torch.full((1, n), 1 / n, dtype=torch.float64))
+    assert f"(exact: all {n} eigenvalues" in out
+
+
+def test_above_256_parameters_a_budget_of_n_products_is_exact(
+    user_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """N = 403: the trace is exact when --trace-matvecs reaches N, and the density when its
+    8 x 60 products do; Hutch++ with fewer products (test above)."""
+    args = ["analyze", f"{user_file}:setup", "--trace", "--density", "--trace-matvecs", "403"]
+    status, out, err = _run([*args, "--no-progress", "--out", str(tmp_path)], capsys)
+    assert status == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "dense" not in report  # no dense matrix built by the command above 256
+    ns = _user_module(user_file)
+    model, criterion, data = ns["setup"]()
+    dense = hesse.HessianOperator(model, criterion, data).to_dense()
+    assert report["trace"]["method"] == "exact" and report["trace"]["num_matvecs"] == 403
+    assert report["trace"]["estimate"] == pytest.approx(dense.trace().item(), rel=1e-6)
+    assert report["density"]["method"] == "exact" and report["density"]["num_matvecs"] == 403
+    torch.testing.assert_close(
+        torch.tensor(report["density"]["nodes"], dtype=torch.float64)[0],
+        torch.linalg.eigvalsh(dense),
+        rtol=1e-6,
+        atol=1e-8,
+    )
+    assert "±" not in out and "(exact: all 403 eigenvalues, 403 products" in out
+
+
+class _Bars:
+    """A stand-in for tqdm that records each bar: its description, total and products."""
+
+    made: list[dict[str, Any]]
+
+    def __init__(self) -> None:
+        self.made = []
+
+    def tqdm(self, iterable: Any = None, **kwargs: Any) -> Any:
+        bar = {"desc": kwargs.get("desc"), "total": kwargs.get("total"), "count": 0}
+        self.made.append(bar)
+        if iterable is not None:  # the operator's own progress=True bar over batches
+            return iterable
+
+        def update(count: int) -> None:
+            bar["count"] += count
+
+        return SimpleNamespace(update=update, close=lambda: None)
+
+
+@pytest.mark.parametrize(
+    ("func", "steps"),
+    [("tiny", ["dense matrix"]), ("setup", ["top-1 eigenvalues", "trace", "spectral density"])],
+)
+def test_one_progress_bar_per_step_and_none_per_product(
+    func: str,
+    steps: list[str],
+    user_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bars = _Bars()
+    fake = SimpleNamespace(tqdm=bars.tqdm, auto=SimpleNamespace(tqdm=bars.tqdm))
+    monkeypatch.setitem(sys.modules, "tqdm", fake)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", fake.auto)
+    args = ["analyze", f"{user_file}:{func}", "--top-k", "1", "--trace", "--density"]
+    status, _, err = _run([*args, "--out", str(tmp_path)], capsys)
+    assert status == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [bar["desc"] for bar in bars.made] == steps  # none from the operator itself
+    counts = {"top-1 eigenvalues": report["top"]["num_matvecs"]}
+    counts.update({"dense matrix": 43, "trace": 90, "spectral density": 403})
+    for bar in bars.made:
+        assert bar["count"] == counts[bar["desc"]], bar
+        assert bar["total"] in (None, bar["count"]), bar
 
 
 def test_the_shipped_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -342,10 +504,11 @@ def test_trace_matvecs_below_3_is_refused_by_argparse(
 def test_trace_with_3_products(
     user_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["analyze", f"{user_file}:tiny", "--trace", "--trace-matvecs", "3", "--no-progress"]
+    args = ["analyze", f"{user_file}:setup", "--trace", "--trace-matvecs", "3", "--no-progress"]
     status, out, err = _run([*args, "--out", str(tmp_path)], capsys)
     assert status == 0, err
-    assert json.loads((tmp_path / "report.json").read_text())["trace"]["num_matvecs"] <= 3
+    trace = json.loads((tmp_path / "report.json").read_text())["trace"]
+    assert trace["method"] == "hutch++" and trace["num_matvecs"] <= 3
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -651,7 +651,7 @@ def test_operator_protocol_accepts_a_users_class_and_wrappers_must_say_where_dat
             return a @ v
 
     top = hesse.eigsh(Mine(), k=2, seed=0)
-    assert_close(top.eigenvalues, torch.tensor([300.0, 299.0], dtype=F64), rtol=1e-9)
+    assert_close(top.eigenvalues, torch.tensor([299.0, 300.0], dtype=F64), rtol=1e-9)
     tr = hesse.trace(Mine(), num_matvecs=60, seed=0)
     assert abs(float(tr.estimate) - 45150.0) < 4 * float(tr.stderr)
 

@@ -4,6 +4,7 @@ The seed API (``model_hessian_matrix``, ``loss_hessian_matrix``, their dict form
 sharpness functions) works verbatim; see ``README.md`` for a tour.
 """
 
+from hesse._algebra import IdentityOperator, LinearCombination
 from hesse._dense import (
     loss_hessian_diagonal,
     loss_hessian_dict,
@@ -24,6 +25,7 @@ from hesse._operators import (
     HessianOperator,
     hvp,
 )
+from hesse._protocol import SymmetricOperator
 from hesse._spectral import (
     EigenResult,
     SpectralDensity,
@@ -43,10 +45,13 @@ __all__ = [
     "EmpiricalFisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "IdentityOperator",
+    "LinearCombination",
     "MemoryBudgetError",
     "ParamLayout",
     "PerformanceWarning",
     "SpectralDensity",
+    "SymmetricOperator",
     "TraceResult",
     "__version__",
     "diagonal",

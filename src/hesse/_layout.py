@@ -11,7 +11,10 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamLayout", "select_parameters"]
+__all__ = ["ParamLayout", "Params", "select_parameters"]
+
+# What ``params=`` accepts everywhere: names, glob patterns, the model's Parameter objects.
+Params = str | Tensor | Sequence[str | Tensor] | None
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -45,9 +48,7 @@ class ParamLayout:
     device: torch.device
 
     @classmethod
-    def from_module(
-        cls, model: nn.Module, params: str | Sequence[str] | None = None
-    ) -> ParamLayout:
+    def from_module(cls, model: nn.Module, params: Params = None) -> ParamLayout:
         """The layout of ``model``'s parameters selected by ``params`` (see `select_parameters`)."""
         selected = select_parameters(model, params)
         dtypes = {p.dtype for _, p in selected}
@@ -157,16 +158,16 @@ class ParamLayout:
         }
 
 
-def select_parameters(
-    model: nn.Module, params: str | Sequence[str] | None = None
-) -> list[tuple[str, nn.Parameter]]:
+def select_parameters(model: nn.Module, params: Params = None) -> list[tuple[str, nn.Parameter]]:
     """Select parameters of ``model`` by name or glob pattern.
 
     Args:
         model: The module whose parameters are selected.
         params: ``None`` selects every parameter with ``requires_grad=True``. Otherwise one name
-            or glob pattern (``"encoder.*"``) or a sequence of them. A frozen parameter named
-            exactly is selected (it was asked for); one matched only by a pattern is not.
+            or glob pattern (``"encoder.*"``), one of the model's ``nn.Parameter`` objects, or
+            a sequence of them (``list(model.fc.parameters())``, as curvlinops users write
+            it). A frozen parameter named exactly or passed as an object is selected (it was
+            asked for); one matched only by a pattern is not.
             Tied parameters count once, under the name ``model.named_parameters()`` gives them;
             an alias selects its canonical parameter.
 
@@ -174,8 +175,9 @@ def select_parameters(
         ``(name, parameter)`` pairs in ``model.named_parameters()`` order.
 
     Raises:
-        TypeError: ``params`` is not a string, a sequence of strings or None.
-        ValueError: A name matches no parameter, or the selection is empty.
+        TypeError: ``params`` is not None, a string, a Parameter or a sequence of them.
+        ValueError: A name matches no parameter, a tensor is not one of the model's
+            parameters, or the selection is empty.
     """
     canonical = list(model.named_parameters())
     if params is None:
@@ -188,17 +190,33 @@ def select_parameters(
             )
         return selected
 
-    if isinstance(params, str):
-        requested: list[str] = [params]
-    elif isinstance(params, Sequence) and all(isinstance(n, str) for n in params):
-        requested = list(params)
-    else:
-        raise TypeError(
-            "params: expected None, a parameter name or glob pattern, or a list of them, "
-            f"got {params!r} of type {type(params).__name__}; for example params=['fc.weight']."
-        )
-
     by_id = {id(p): n for n, p in canonical}
+    if isinstance(params, (str, Tensor)):
+        params = [params]
+    if not isinstance(params, Iterable) or isinstance(params, dict):
+        raise TypeError(
+            "params: expected None, a parameter name or glob pattern, a Parameter, or a list "
+            f"of them, got {type(params).__name__}; for example params=['fc.weight'] or "
+            "params=list(model.fc.parameters())."
+        )
+    requested: list[str] = []
+    for i, item in enumerate(params):
+        if isinstance(item, str):
+            requested.append(item)
+        elif isinstance(item, Tensor):
+            if id(item) not in by_id:
+                raise ValueError(
+                    f"params[{i}]: a tensor of shape {tuple(item.shape)} that is not a parameter "
+                    f"of {type(model).__name__}; pass the model's own nn.Parameter objects "
+                    "(e.g. list(model.fc.parameters())) or their names."
+                )
+            requested.append(by_id[id(item)])  # its name: exact, so a frozen one is included
+        else:
+            raise TypeError(
+                f"params[{i}]: expected a parameter name, a glob pattern or an nn.Parameter, "
+                f"got {type(item).__name__}."
+            )
+
     alias = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
     chosen: set[str] = set()
     for name in requested:

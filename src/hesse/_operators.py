@@ -27,7 +27,7 @@ from hesse._curvature import check_independent_samples, dense, diagonal, loss_cu
 from hesse._data import Batch, Dataset, as_dataset
 from hesse._distributed import Shard, resolve_shard
 from hesse._functional import criterion_loss, evaluate, loss, sample_loss_function
-from hesse._layout import ParamLayout
+from hesse._layout import ParamLayout, Params
 from hesse._memory import TARGET_COLUMNS, plan_chunk
 from hesse._protocol import Operator
 from hesse._state import check_training, model_scope
@@ -49,7 +49,6 @@ __all__ = [
     "hvp",
 ]
 
-Params = str | Sequence[str] | None
 # "batchmean" (nn.KLDivLoss) divides the summed loss by the batch size: the mean over samples.
 _REDUCTIONS = ("mean", "sum", "batchmean")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,6 +81,7 @@ class _Session:
     params: dict[str, Tensor]
     theta: Tensor
     graph: tuple[Any, ...] | None = None  # (key, batch tensors, leaves, gradients)
+    bar: Any = None  # the call's progress bar (tqdm), with progress=True
 
 
 class CurvatureOperator(Operator):
@@ -105,7 +105,8 @@ class CurvatureOperator(Operator):
         training: The curvature of the training-mode loss: modules in train mode, so BatchNorm
             normalises with the batch's statistics (its running statistics are left untouched);
             dropout stays off, since a random mask would make every product another matrix.
-        progress: Show a progress bar over batches (needs ``tqdm``, the ``progress`` extra).
+        progress: Show one progress bar per call (a product, ``to_dense()``, or a whole
+            ``eigsh``), counting batches (needs ``tqdm``, the ``progress`` extra).
         check_deterministic: Read the data twice at construction and refuse data or models
             that change between passes (a shuffling ``DataLoader``, random augmentation, a
             model with randomness in eval mode): the operator would not be one matrix.
@@ -233,11 +234,25 @@ class CurvatureOperator(Operator):
             params = self._resolve_parameters()
             theta = torch.cat([params[n].detach().reshape(-1) for n in self.layout.names])
             check_finite(self.model, self.layout, theta)
-            self._active = _Session(params, theta)
+            self._active = _Session(params, theta, bar=self._progress_bar())
             try:
                 yield
             finally:
+                if self._active.bar is not None:
+                    self._active.bar.close()
                 self._active = None
+
+    def _progress_bar(self) -> Any:
+        """One bar per call (a session), counting batches over all of its products."""
+        if not self.progress:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as err:
+            raise ImportError(
+                "progress=True needs tqdm, an optional extra: pip install 'hesse[progress]'."
+            ) from err
+        return tqdm(desc=type(self).__name__, unit=" batches", leave=False)
 
     def _resolve_parameters(self) -> dict[str, Tensor]:
         """The selected parameters of the model as it is now, by name: a replaced
@@ -311,30 +326,6 @@ class CurvatureOperator(Operator):
             out = self._state.theta.new_zeros(self.layout.numel)
             return self._accumulate(self._batch_diagonal, out)
 
-    def to_scipy(self) -> Any:
-        """A ``scipy.sparse.linalg.LinearOperator`` on NumPy arrays of this operator's dtype.
-
-        SciPy is an optional extra (``pip install hesse[scipy]``). When SciPy's OpenBLAS and
-        torch both use threads inside ARPACK they slow each other down; set
-        ``OPENBLAS_NUM_THREADS=1`` before importing NumPy for ``eigsh`` on large operators.
-        """
-        try:
-            from scipy.sparse.linalg import LinearOperator
-        except ImportError as err:
-            raise ImportError(
-                "to_scipy() needs SciPy, an optional extra: pip install 'hesse[scipy]'."
-            ) from err
-        import numpy as np
-
-        def apply(array: Any) -> Any:
-            tensor = torch.as_tensor(np.asarray(array), dtype=self.dtype, device=self.device)
-            return (self @ tensor).cpu().numpy()
-
-        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
-        return LinearOperator(
-            self.shape, matvec=apply, rmatvec=apply, matmat=apply, rmatmat=apply, dtype=np_dtype
-        )
-
     # -- per batch (subclasses) ------------------------------------------------------------------
 
     def _batch_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
@@ -360,16 +351,10 @@ class CurvatureOperator(Operator):
     # -- plumbing -------------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[Batch]:
-        batches: Any = self.data
-        if self.progress:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError as err:
-                raise ImportError(
-                    "progress=True needs tqdm, an optional extra: pip install 'hesse[progress]'."
-                ) from err
-            batches = tqdm(batches, total=self.data.num_batches, desc=type(self).__name__)
-        for batch in batches:
+        bar = self._state.bar
+        for batch in self.data:
+            if bar is not None:
+                bar.update(1)
             if batch.size:  # an empty batch adds nothing (and its mean loss is NaN)
                 yield batch
 

@@ -74,3 +74,67 @@ class Operator(ABC):
         """The ``(N, N)`` matrix, from products with the identity's columns."""
         n = self.shape[0]
         return self @ torch.eye(n, dtype=self.dtype, device=self.device)
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` on NumPy arrays of this operator's dtype.
+
+        SciPy is an optional extra (``pip install hesse[scipy]``). When SciPy's OpenBLAS and
+        torch both use threads inside ARPACK they slow each other down; set
+        ``OPENBLAS_NUM_THREADS=1`` before importing NumPy for ``eigsh`` on large operators.
+        """
+        try:
+            from scipy.sparse.linalg import LinearOperator
+        except ImportError as err:
+            raise ImportError(
+                "to_scipy() needs SciPy, an optional extra: pip install 'hesse[scipy]'."
+            ) from err
+        import numpy as np
+
+        def apply(array: Any) -> Any:
+            tensor = torch.as_tensor(np.asarray(array), dtype=self.dtype, device=self.device)
+            return (self @ tensor).cpu().numpy()
+
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        return LinearOperator(
+            self.shape, matvec=apply, rmatvec=apply, matmat=apply, rmatmat=apply, dtype=np_dtype
+        )
+
+    # -- algebra: lazy linear combinations (`hesse._algebra`) ---------------------------------
+
+    def __add__(self, other: Any) -> Any:
+        from hesse._algebra import LinearCombination
+
+        if not isinstance(other, Operator):
+            return NotImplemented
+        return LinearCombination([(1.0, self), (1.0, other)])
+
+    def __radd__(self, other: Any) -> Any:
+        if isinstance(other, int) and other == 0:  # sum([A, B]) starts from 0
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: Any) -> Any:
+        from hesse._algebra import LinearCombination
+
+        if not isinstance(other, Operator):
+            return NotImplemented
+        return LinearCombination([(1.0, self), (-1.0, other)])
+
+    def __mul__(self, other: Any) -> Any:
+        from hesse._algebra import LinearCombination, scalar
+
+        c = scalar(other)
+        return NotImplemented if c is None else LinearCombination([(c, self)])
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Any) -> Any:
+        from hesse._algebra import LinearCombination, scalar
+
+        c = scalar(other)
+        return NotImplemented if c is None else LinearCombination([(1.0 / c, self)])
+
+    def __neg__(self) -> Any:
+        from hesse._algebra import LinearCombination
+
+        return LinearCombination([(-1.0, self)])

@@ -10,8 +10,8 @@ a frozen dataclass with diagnostics.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,9 @@ Seed = int | torch.Generator | None
 _WHICH = ("LA", "SA", "LM")
 # Below this size a dense eigendecomposition is cheaper and exact.
 DENSE_LIMIT = 256
+# A spectral density whose budget reaches N products is computed exactly up to this N (the
+# dense eigendecomposition stays cheap).
+EXACT_DENSITY_LIMIT = 2048
 
 
 # ---------------------------------------------------------------------------------- plumbing
@@ -51,6 +54,8 @@ class _Linear:
     device: torch.device
     matmat: Callable[[Tensor], Tensor]  # (N, K) -> (N, K)
     dense: Callable[[], Tensor]
+    diagonal: Callable[[], Tensor]  # exact, for budgets that reach N products
+    products_for_exact: int  # what dense() or diagonal() cost: 0 for a tensor, else N
     session: Callable[[], AbstractContextManager[Any]] = nullcontext
     shard: Shard = field(default_factory=Shard)  # random draws must agree across ranks
 
@@ -82,7 +87,7 @@ def _linear(a: Any) -> _Linear:
             raise TypeError(f"A: expected a floating-point matrix, got {a.dtype}.")
         _check_symmetric(a)
         m = a.float() if a.dtype in _HALF else a
-        return _Linear(m.shape[0], m.dtype, m.device, lambda v: m @ v, lambda: m)
+        return _Linear(m.shape[0], m.dtype, m.device, lambda v: m @ v, lambda: m, m.diagonal, 0)
     if not isinstance(a, SymmetricOperator):
         raise TypeError(
             "A: expected a symmetric (N, N) tensor or an operator with .shape, .dtype, .device "
@@ -103,9 +108,16 @@ def _linear(a: Any) -> _Linear:
             return to_dense().to(work)
         return matmat(torch.eye(n, dtype=work, device=a.device))
 
+    def diagonal() -> Tensor:
+        exact = getattr(a, "diagonal", None)
+        if callable(exact):
+            with suppress(NotImplementedError):  # a sum with a part that has none
+                return exact().to(work)
+        return dense().diagonal()
+
     if isinstance(a, Operator):
-        return _Linear(n, work, a.device, matmat, dense, a.session, a.shard)
-    return _Linear(n, work, a.device, matmat, dense)
+        return _Linear(n, work, a.device, matmat, dense, diagonal, n, a.session, a.shard)
+    return _Linear(n, work, a.device, matmat, dense, diagonal, n)
 
 
 def _generator(seed: Seed, lin: _Linear) -> torch.Generator:
@@ -134,9 +146,12 @@ def _rademacher(n: int, k: int, lin: _Linear, g: torch.Generator) -> Tensor:
 class EigenResult:
     """Eigenpairs with their diagnostics.
 
+    Unpacks like ``torch.linalg.eigh``: ``eigenvalues, eigenvectors = hesse.eigsh(A, k)``.
+
     Attributes:
-        eigenvalues: ``(k,)``, ordered as requested (largest first for ``"LA"``/``"LM"``).
-        eigenvectors: ``(N, k)``, orthonormal columns.
+        eigenvalues: ``(k,)``, in ascending order, as ``torch.linalg.eigh`` and SciPy return
+            them (for ``which="LA"`` the largest is last).
+        eigenvectors: ``(N, k)``, orthonormal columns, column ``i`` for ``eigenvalues[i]``.
         residuals: ``(k,)``, ``‖A v − λ v‖`` of each pair.
         converged: ``(k,)`` bools, residual within the tolerance.
         num_matvecs: Products with ``A`` used (0 for a dense input solved directly).
@@ -147,6 +162,20 @@ class EigenResult:
     residuals: Tensor
     converged: Tensor
     num_matvecs: int
+
+    def __iter__(self) -> Iterator[Tensor]:
+        """``eigenvalues, eigenvectors = result``."""
+        return iter((self.eigenvalues, self.eigenvectors))
+
+    def _ascending(self) -> EigenResult:
+        idx = torch.argsort(self.eigenvalues)
+        return EigenResult(
+            self.eigenvalues[idx],
+            self.eigenvectors[:, idx],
+            self.residuals[idx],
+            self.converged[idx],
+            self.num_matvecs,
+        )
 
 
 def _order(values: Tensor, which: str) -> Tensor:
@@ -175,6 +204,7 @@ def eigsh(
     tol: float | None = None,
     max_iter: int = 50,
     max_basis: int | None = None,
+    v0: Tensor | None = None,
     seed: Seed = None,
 ) -> EigenResult:
     r"""The ``k`` extreme eigenpairs of a symmetric matrix or operator.
@@ -195,14 +225,26 @@ def eigsh(
             near machine precision.
         max_iter: Restarts at most.
         max_basis: Basis size before a restart (default ``max(2k + 20, 40)``, capped at N).
-        seed: Seed or generator of the start vector.
+        v0: Start vector ``(N,)``, as SciPy's ``eigsh`` takes it (e.g. the previous top
+            eigenvector when tracking sharpness during training); default random from ``seed``.
+        seed: Seed or generator of the start vector (unused with ``v0``).
+
+    Returns:
+        An `EigenResult`: eigenvalues in ascending order, eigenvectors, residuals, converged
+        flags and the number of products. It unpacks as ``eigenvalues, eigenvectors``.
+
+    Raises:
+        ValueError: ``k >= N``, an unknown ``which``, a ``tol`` that is not a finite number
+            > 0, a negative ``max_iter``, a non-symmetric dense ``A``, or a ``v0`` of the
+            wrong shape or zero.
+        TypeError: ``A`` is neither a tensor nor an operator; a non-integer ``k``/``max_iter``.
 
     Example:
         >>> A = torch.diag(torch.arange(1.0, 301.0, dtype=torch.float64))
-        >>> result = eigsh(A, k=2)
-        >>> result.eigenvalues.round(decimals=8)
-        tensor([300., 299.], dtype=torch.float64)
-        >>> bool(result.converged.all())
+        >>> eigenvalues, eigenvectors = eigsh(A, k=2)
+        >>> eigenvalues.round(decimals=8)
+        tensor([299., 300.], dtype=torch.float64)
+        >>> bool(eigsh(A, k=2).converged.all())
         True
     """
     lin = _linear(A)
@@ -221,8 +263,23 @@ def eigsh(
             f"k: must be smaller than N = {n} for an iterative solver, got k = {k}; for all "
             "eigenvalues use torch.linalg.eigh(A.to_dense())."
         )
+    start = None if v0 is None else _start_vector(v0, lin)
     with lin.session():
-        return _eigsh(lin, k, which, tol, max_iter, max_basis, seed, dense=isinstance(A, Tensor))
+        result = _eigsh(
+            lin, k, which, tol, max_iter, max_basis, seed, start, dense=isinstance(A, Tensor)
+        )
+    return result._ascending()
+
+
+def _start_vector(v0: Any, lin: _Linear) -> Tensor:
+    if not isinstance(v0, Tensor):
+        raise TypeError(f"v0: expected a tensor of shape ({lin.n},), got {type(v0).__name__}.")
+    if v0.shape != (lin.n,):
+        raise ValueError(f"v0: expected shape ({lin.n},), got {tuple(v0.shape)}.")
+    start = v0.detach().to(device=lin.device, dtype=lin.dtype)
+    if not bool(torch.isfinite(start).all()) or not float(torch.linalg.vector_norm(start)) > 0:
+        raise ValueError("v0: expected a finite, non-zero start vector.")
+    return start
 
 
 def _eigsh(
@@ -233,6 +290,7 @@ def _eigsh(
     max_iter: int,
     max_basis: int | None,
     seed: Seed,
+    start: Tensor | None,
     *,
     dense: bool,
 ) -> EigenResult:
@@ -256,7 +314,11 @@ def _eigsh(
     # Krylov-Schur decomposition A Q = Q P + r e_lastᵀ, tridiagonal plus, after a restart,
     # an arrowhead. The residual of a Ritz pair (θ, Qs) is then ‖r‖·|s_last|, for free.
     projection = torch.zeros(m, m, dtype=lin.dtype, device=lin.device)
-    r = torch.randn(n, generator=g, dtype=lin.dtype, device=lin.device)
+    r = (
+        start
+        if start is not None
+        else torch.randn(n, generator=g, dtype=lin.dtype, device=lin.device)
+    )
     size, matvecs = 0, 0
     # Convergence is checked after every product once the basis has a few more vectors than
     # wanted (fewer would risk settling on an interior pair).
@@ -365,6 +427,10 @@ def trace(
     if method not in ("hutchinson", "hutch++"):
         raise ValueError(f"method: expected 'hutchinson' or 'hutch++', got {method!r}.")
     m = integer("num_matvecs", num_matvecs, 2 if method == "hutchinson" else 3)
+    if m >= lin.n:  # N products give the exact trace: no estimate needs more
+        with lin.session():
+            exact = lin.diagonal().sum()
+        return TraceResult(exact, torch.zeros((), dtype=lin.dtype), lin.products_for_exact)
     g = _generator(seed, lin)
     with lin.session():
         return _trace(lin, m, method, g)
@@ -410,6 +476,9 @@ def diagonal(A: Any, num_matvecs: int = 30, method: str = "diag++", *, seed: See
     if method not in ("hutchinson", "diag++"):
         raise ValueError(f"method: expected 'hutchinson', 'diag++' or 'exact', got {method!r}.")
     m = integer("num_matvecs", num_matvecs, 1 if method == "hutchinson" else 3)
+    if m >= lin.n:  # N products give the exact diagonal
+        with lin.session():
+            return lin.diagonal()
     g = _generator(seed, lin)
     with lin.session():
         return _diagonal(lin, m, method, g)
@@ -549,13 +618,21 @@ def spectral_density(
         points = grid.to(device=lin.device, dtype=lin.dtype)
     else:
         count = integer("grid", grid, 2)
-    g = _generator(seed, lin)
-    v = torch.randn(lin.n, probes, generator=g, dtype=lin.dtype, device=lin.device)
-    with lin.session():
-        alpha, beta = _lanczos_probes(lin, v, steps)
-    tridiagonal = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
-    nodes, vectors = torch.linalg.eigh(tridiagonal)
-    weights = vectors[:, 0, :] ** 2 / probes
+    if probes * steps >= lin.n and lin.n <= EXACT_DENSITY_LIMIT:
+        # The budget reaches N products: the exact spectrum, every eigenvalue weighted 1/N.
+        with lin.session():
+            nodes = torch.linalg.eigvalsh(lin.dense())[None]
+        weights = torch.full_like(nodes, 1.0 / lin.n)
+        used = lin.products_for_exact
+    else:
+        g = _generator(seed, lin)
+        v = torch.randn(lin.n, probes, generator=g, dtype=lin.dtype, device=lin.device)
+        with lin.session():
+            alpha, beta = _lanczos_probes(lin, v, steps)
+        diagonals = (torch.diag_embed(beta, 1), torch.diag_embed(beta, -1))
+        nodes, vectors = torch.linalg.eigh(torch.diag_embed(alpha) + sum(diagonals))
+        weights = vectors[:, 0, :] ** 2 / probes
+        used = probes * steps
     lo, hi = float(nodes.min()), float(nodes.max())
     span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
     if width is None:
@@ -575,4 +652,4 @@ def spectral_density(
             "an int for an automatic grid."
         )
     density = density / mass
-    return SpectralDensity(points, density, nodes, weights, width, probes * steps)
+    return SpectralDensity(points, density, nodes, weights, width, used)

@@ -24,8 +24,16 @@ __all__ = ["main"]
 
 ANALYZE_EXAMPLES = """\
 FUNC() takes no arguments and returns (model, criterion, data): data is one (inputs, target)
-pair or a re-iterable of them such as a DataLoader. With no analysis named, the top-5
-eigenvalues, the trace and the spectral density are computed.
+pair or a re-iterable of them such as a DataLoader.
+
+analyses: with none of --top-k, --bottom-k, --trace, --density named, the top-5 eigenvalues,
+the trace and the spectral density are computed. Naming any of them runs only the ones named
+(--density alone: no eigenvalues, no trace); the report says which ran.
+
+exact or estimated: with N <= 256 parameters the dense matrix is built once (N products) and
+the eigenvalues, the trace and the density are exact. Above that the eigenvalues come from
+Lanczos, the trace from Hutch++ (exact if --trace-matvecs >= N) and the density from SLQ
+(exact up to N = 480, where its 8 x 60 products cover N).
 
 examples:
   hesse analyze examples/analyze_mlp.py:setup
@@ -36,6 +44,10 @@ examples:
 Under torchrun every rank calls FUNC (after the process group is up, so FUNC can give each
 rank its shard of the data); products are summed over the ranks and only rank 0 writes.
 """
+
+
+# Each analysis flag's help ends with what naming it does to the defaults.
+ONLY = "; naming any analysis runs only those named (none named: top-5, trace, density)"
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -107,18 +119,33 @@ def _parser() -> argparse.ArgumentParser:
         help="parameters to include, by name or glob ('0.weight', '*.bias'); default: all "
         "trainable parameters",
     )
-    analyze.add_argument("--top-k", type=_positive, default=0, metavar="K", help="largest K")
     analyze.add_argument(
-        "--bottom-k", type=_positive, default=0, metavar="K", help="smallest K eigenvalues"
+        "--top-k", type=_positive, default=0, metavar="K", help="the K largest eigenvalues" + ONLY
     )
-    analyze.add_argument("--trace", action="store_true", help="Hutch++ trace estimate")
-    analyze.add_argument("--density", action="store_true", help="spectral density plot (SLQ)")
+    analyze.add_argument(
+        "--bottom-k",
+        type=_positive,
+        default=0,
+        metavar="K",
+        help="the K smallest eigenvalues" + ONLY,
+    )
+    analyze.add_argument(
+        "--trace",
+        action="store_true",
+        help="the trace: exact at N <= 256, else a Hutch++ estimate" + ONLY,
+    )
+    analyze.add_argument(
+        "--density",
+        action="store_true",
+        help="spectral density plot: exact at N <= 480, else SLQ" + ONLY,
+    )
     analyze.add_argument(
         "--trace-matvecs",
         type=_at_least(3),  # Hutch++ spends a third on each of its three parts
         default=90,
         metavar="M",
-        help="products spent on the trace, at least 3 (default: %(default)s)",
+        help="products spent on the Hutch++ trace, at least 3 (default: %(default)s); at "
+        "N <= 256, or M >= N, the trace is exact from N products",
     )
     analyze.add_argument(
         "--curvature",

@@ -1,11 +1,13 @@
 """``hesse analyze FILE.py:FUNC``: the curvature of a user's own model, loss and data.
 
 ``FUNC()`` returns ``(model, criterion, data)``; the command builds the requested operator over
-``data``, runs the spectral tools on it with progress bars, prints a report and writes
-``report.json`` and figures. ``--out`` is checked before anything is imported, and filled all at
-once (`hesse.cli._output`). Under ``torchrun`` it joins the process group before calling
-``FUNC`` (which then gives each rank its shard), the operator all-reduces its products, and only
-rank 0 prints and writes.
+``data``, runs the spectral tools on it with one progress bar per step, prints a report and
+writes ``report.json`` and figures (their paths in it relative to ``--out``). At N <= 256 the
+dense matrix is built once (N products) and every analysis runs on it: the eigenvalues, the
+trace and the density are then exact. ``--out`` is checked before anything is imported, and
+filled all at once (`hesse.cli._output`). Under ``torchrun`` it joins the process group before
+calling ``FUNC`` (which then gives each rank its shard), the operator all-reduces its products,
+and only rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ OPERATORS: dict[str, tuple[type[CurvatureOperator], str]] = {
     "ggn": (hesse.GGNOperator, "generalised Gauss-Newton"),
     "fisher": (hesse.EmpiricalFisherOperator, "empirical Fisher"),
 }
-# Below this size the whole matrix is cheap enough to draw as a heat map.
+# Below this size the whole matrix is built once (N products): it is drawn as a heat map and
+# every analysis runs on it, exactly.
 HEATMAP_LIMIT = 256
+# What runs when no analysis flag is named.
+DEFAULT_ANALYSES = "top-5, trace, density"
 
 
 _HINT = " (run again with --traceback to see where)"
@@ -65,12 +70,22 @@ class Request:
     trace_matvecs: int = 90
     progress: bool = True
     traceback: bool = False
+    defaults: bool = False  # set by with_defaults: no analysis was named, the defaults run
 
     def with_defaults(self) -> Request:
-        """Top-5 eigenvalues, the trace and the density when no analysis was named."""
+        """Top-5 eigenvalues, the trace and the density when no analysis was named; only the
+        named ones otherwise."""
         if self.top_k or self.bottom_k or self.trace or self.density:
             return self
-        return replace(self, top_k=5, trace=True, density=True)
+        return replace(self, top_k=5, trace=True, density=True, defaults=True)
+
+    def analyses(self) -> list[str]:
+        """The analyses to run, as the report names them: ``["top-5", "trace", ...]``."""
+        names = [f"top-{self.top_k}"] if self.top_k else []
+        names += [f"bottom-{self.bottom_k}"] if self.bottom_k else []
+        return names + [
+            name for name, on in (("trace", self.trace), ("density", self.density)) if on
+        ]
 
 
 # --------------------------------------------------------------------------------- loading
@@ -181,8 +196,10 @@ def process_group() -> Iterator[int]:
 
 
 class _Counted(Operator):
-    """An operator that advances a progress bar by the columns of each product; it passes on
-    the operator's shard (the ranks' common probes) and sessions (its kept graph)."""
+    """An operator that advances a progress bar by the columns of each product (by N for its
+    dense matrix or its diagonal); it passes on the operator's shard (the ranks' common probes)
+    and sessions (its kept graph). The operator itself is built without ``progress=``: one bar
+    per step of the analysis, never one per product."""
 
     def __init__(self, op: CurvatureOperator, bar: Any) -> None:
         self.op, self.bar = op, bar
@@ -208,12 +225,22 @@ class _Counted(Operator):
 
     def __matmul__(self, v: Tensor) -> Tensor:
         out = self.op @ v
-        if self.bar is not None:
-            self.bar.update(1 if v.ndim == 1 else v.shape[1])
+        self._advance(1 if v.ndim == 1 else v.shape[1])
         return out
 
+    def _advance(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
     def to_dense(self) -> Tensor:
-        return self.op.to_dense()
+        out = self.op.to_dense()
+        self._advance(self.op.shape[0])
+        return out
+
+    def diagonal(self) -> Tensor:
+        out = self.op.diagonal()
+        self._advance(self.op.shape[0])
+        return out
 
 
 class _Progress:
@@ -231,6 +258,7 @@ class _Progress:
 
     @contextmanager
     def products(self, op: CurvatureOperator, desc: str, total: int | None) -> Iterator[_Counted]:
+        """One bar for one step of the analysis, advanced by each product with ``op``."""
         bar = None
         if self.tqdm is not None:
             bar = self.tqdm(total=total, desc=desc, unit=" products", leave=False)
@@ -240,6 +268,17 @@ class _Progress:
             if bar is not None:
                 bar.close()
 
+    @contextmanager
+    def counting(
+        self, a: Tensor | CurvatureOperator, desc: str, total: int | None
+    ) -> Iterator[Tensor | _Counted]:
+        """`products` for an operator; a dense matrix as it is (its products cost no time)."""
+        if isinstance(a, Tensor):
+            yield a
+            return
+        with self.products(a, desc, total) as counted:
+            yield counted
+
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
@@ -247,23 +286,73 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def _eigen_section(result: hesse.EigenResult, seconds: float) -> dict[str, Any]:
+def _eigen_section(
+    result: hesse.EigenResult, largest: bool, exact: bool, seconds: float
+) -> dict[str, Any]:
+    """The eigenpairs, the most extreme first (largest first for the top ones), whatever
+    order `hesse.eigsh` returns them in."""
+    order = torch.argsort(result.eigenvalues, descending=largest)
     return {
-        "eigenvalues": result.eigenvalues.tolist(),
-        "residuals": result.residuals.tolist(),
-        "converged": result.converged.tolist(),
+        "method": "exact" if exact else "lanczos",
+        "eigenvalues": result.eigenvalues[order].tolist(),
+        "residuals": result.residuals[order].tolist(),
+        "converged": result.converged[order].tolist(),
         "num_matvecs": result.num_matvecs,
         "seconds": seconds,
     }
 
 
 def _print_eigen(title: str, section: dict[str, Any], say: Callable[[str], None]) -> None:
-    say(f"\n{title} (Lanczos, {section['num_matvecs']} products, {section['seconds']:.2f} s)")
+    if section["method"] == "exact":
+        how = "exact: eigendecomposition of the dense matrix"
+    else:
+        how = f"Lanczos, {section['num_matvecs']} products"
+    say(f"\n{title} ({how}, {section['seconds']:.2f} s)")
     for i, (value, residual, ok) in enumerate(
         zip(section["eigenvalues"], section["residuals"], section["converged"]), 1
     ):
         state = "converged" if ok else "NOT converged"
         say(f"  {i:3d}  {value: .6e}   residual {residual:.1e}  {state}")
+
+
+def _analyses_line(request: Request) -> str:
+    if request.defaults:
+        return f"{DEFAULT_ANALYSES} (the defaults: no analysis was named)"
+    return (
+        f"{', '.join(request.analyses())} (named; the defaults {DEFAULT_ANALYSES} apply only "
+        "when none is named)"
+    )
+
+
+def _trace_section(
+    request: Request, target: Tensor | CurvatureOperator, n: int, progress: _Progress
+) -> dict[str, Any]:
+    """The trace: exact from N products when the budget covers N (always at N <= 256, where
+    ``target`` is the dense matrix), else Hutch++ with ``--trace-matvecs`` products."""
+    budget = max(request.trace_matvecs, n) if n <= HEATMAP_LIMIT else request.trace_matvecs
+    with progress.counting(target, "trace", min(budget, n)) as a:
+        tr, seconds = _timed(partial(hesse.trace, a, budget, seed=request.seed))
+    # Exact when the budget reached N: from N products (none further for a dense matrix).
+    exact = budget >= n and tr.num_matvecs in (0, n) and tr.stderr.item() == 0
+    return {
+        "estimate": tr.estimate.item(),
+        "stderr": tr.stderr.item(),
+        "method": "exact" if exact else "hutch++",
+        "num_matvecs": n if exact else tr.num_matvecs,
+        "seconds": seconds,
+    }
+
+
+def _print_trace(section: dict[str, Any], dense: bool, say: Callable[[str], None]) -> None:
+    products = f"{section['num_matvecs']} products, {section['seconds']:.2f} s"
+    if section["method"] == "exact":
+        source = f"of the dense matrix, {section['seconds']:.2f} s" if dense else products
+        say(f"\ntrace       {section['estimate']:.6e} (exact, {source})")
+    else:
+        say(
+            f"\ntrace       {section['estimate']:.6e} ± {section['stderr']:.2e} (standard error; "
+            f"Hutch++, {products})"
+        )
 
 
 def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Drawing]]:
@@ -272,8 +361,9 @@ def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Drawing]]
     progress = _Progress(request.progress and rank == 0)
     model, criterion, data = load_target(request.target)
     operator, description = OPERATORS[request.curvature]
-    op = operator(model, criterion, data, params=request.params)
+    op = operator(model, criterion, data, params=request.params)  # no progress=: bars per step
     layout = op.layout
+    n = layout.numel
     world = op.shard.world_size
     report: dict[str, Any] = {
         "hesse": hesse.__version__,
@@ -281,7 +371,7 @@ def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Drawing]]
         "target": request.target,
         "curvature": request.curvature,
         "operator": type(op).__name__,
-        "parameters": layout.numel,
+        "parameters": n,
         "param_names": list(layout.names),
         "samples": op.num_samples,
         "reduction": op.reduction,
@@ -289,98 +379,114 @@ def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Drawing]]
         "device": str(op.device),
         "world_size": world,
         "seed": request.seed,
+        "analyses": request.analyses(),
+        "analyses_named": not request.defaults,
     }
     figures: list[Drawing] = []
     total = sum(p.numel() for p in model.parameters())
     say(f"hesse analyze {request.target}")
     say(
-        f"model       {type(model).__name__}: {layout.numel:,} of {total:,} parameters "
+        f"model       {type(model).__name__}: {n:,} of {total:,} parameters "
         f"in {len(layout.names)} tensors"
     )
     ranks = f" over {world} ranks" if world > 1 else ""
     say(f"data        {op.num_samples:,} samples{ranks}, reduction {op.reduction!r}")
     say(f"curvature   {description} ({type(op).__name__}), {report['dtype']} on {op.device}")
+    say(f"analyses    {_analyses_line(request)}")
 
-    for key, k, which, title in (
-        ("top", request.top_k, "LA", f"top-{request.top_k} eigenvalues"),
-        ("bottom", request.bottom_k, "SA", f"bottom-{request.bottom_k} eigenvalues"),
-    ):
+    for key, k in (("top", request.top_k), ("bottom", request.bottom_k)):
+        if k >= n:
+            raise CommandError(
+                f"--{key}-k {k}: must be smaller than N = {n}, the number of parameters analysed"
+            )
+
+    # At N <= 256 the dense matrix (N products) serves the heat map and every analysis: the
+    # eigenvalues, the trace and the density then come out exact, for no further products.
+    dense: Tensor | None = None
+    if n <= HEATMAP_LIMIT:
+        with progress.products(op, "dense matrix", n) as counted:
+            dense, seconds = _timed(counted.to_dense)
+        report["dense"] = {"num_matvecs": n, "seconds": seconds}
+        say(
+            f"dense       the {n} x {n} matrix from {n} products ({seconds:.2f} s; N <= "
+            f"{HEATMAP_LIMIT}: the analyses below use it)"
+        )
+
+    for key, k, which in (("top", request.top_k, "LA"), ("bottom", request.bottom_k, "SA")):
         if not k:
             continue
-        if k >= layout.numel:
-            flag = "--top-k" if key == "top" else "--bottom-k"
-            raise CommandError(
-                f"{flag} {k}: must be smaller than N = {layout.numel}, the number of "
-                "parameters analysed"
-            )
-        with progress.products(op, title, None) as counted:
-            result, seconds = _timed(
-                partial(hesse.eigsh, counted, k=k, which=which, seed=request.seed)
-            )
-        report[key] = _eigen_section(result, seconds)
+        title = f"{key}-{k} eigenvalues"
+        with progress.counting(dense if dense is not None else op, title, None) as a:
+            result, seconds = _timed(partial(hesse.eigsh, a, k=k, which=which, seed=request.seed))
+        exact = dense is not None and result.num_matvecs == 0  # solved directly
+        report[key] = _eigen_section(result, key == "top", exact, seconds)
         _print_eigen(title, report[key], say)
 
     if request.trace:
-        with progress.products(op, "trace", request.trace_matvecs) as counted:
-            tr, seconds = _timed(
-                partial(hesse.trace, counted, request.trace_matvecs, seed=request.seed)
-            )
-        report["trace"] = {
-            "estimate": tr.estimate.item(),
-            "stderr": tr.stderr.item(),
-            "method": "hutch++",
-            "num_matvecs": tr.num_matvecs,
-            "seconds": seconds,
-        }
-        say(
-            f"\ntrace       {tr.estimate.item():.6e} ± {tr.stderr.item():.2e} (standard error; "
-            f"Hutch++, {tr.num_matvecs} products, {seconds:.2f} s)"
-        )
+        report["trace"] = _trace_section(request, dense if dense is not None else op, n, progress)
+        _print_trace(report["trace"], dense is not None, say)
 
     if request.density:
-        probes, steps = 8, min(60, layout.numel)
-        with progress.products(op, "spectral density", probes * steps) as counted:
+        probes, steps = 8, min(60, n)
+        exact_budget = probes * steps >= n
+        with progress.counting(
+            dense if dense is not None else op,
+            "spectral density",
+            n if exact_budget else probes * steps,
+        ) as a:
             density, seconds = _timed(
                 partial(
                     hesse.spectral_density,
-                    counted,
+                    a,
                     num_probes=probes,
                     lanczos_steps=steps,
                     seed=request.seed,
                 )
             )
+        exact = (
+            exact_budget
+            and density.num_matvecs in (0, n)  # none further for a dense matrix
+            and tuple(density.nodes.shape) == (1, n)
+        )
         report["density"] = {
+            "method": "exact" if exact else "SLQ",
             "range": [density.nodes.min().item(), density.nodes.max().item()],
             "num_probes": probes,
             "lanczos_steps": steps,
             "sigma": density.sigma,
             "nodes": density.nodes.tolist(),
             "weights": density.weights.tolist(),
-            "num_matvecs": density.num_matvecs,
+            "num_matvecs": n if exact else density.num_matvecs,
             "seconds": seconds,
         }
         low, high = report["density"]["range"]
-        say(
-            f"\ndensity     eigenvalues in [{low:.4e}, {high:.4e}] "
-            f"(SLQ, {probes} probes x {steps} steps, {seconds:.2f} s)"
-        )
+        if not exact:
+            how = f"SLQ, {probes} probes x {steps} steps"
+        elif dense is not None:
+            how = f"exact: all {n} eigenvalues of the dense matrix"
+        else:
+            how = f"exact: all {n} eigenvalues, {n} products"
+        say(f"\ndensity     eigenvalues in [{low:.4e}, {high:.4e}] ({how}, {seconds:.2f} s)")
         figures.append(("spectral_density.png", density.plot))
 
-    if layout.numel <= HEATMAP_LIMIT:
-        dense = op.to_dense()
-        title = f"{description}, blocks per parameter"
+    if dense is not None:
+        matrix, title = dense, f"{description}, blocks per parameter"
         figures.append(
-            ("curvature_heatmap.png", lambda path: hessian_heatmap(dense, layout, path, title))
+            ("curvature_heatmap.png", lambda path: hessian_heatmap(matrix, layout, path, title))
         )
     return report, figures
 
 
 def _write(out: Path, report: dict[str, Any], figures: list[Drawing]) -> list[Path]:
-    """Write the report and figures into ``out``, all or nothing; return the paths."""
+    """Write the report and figures into ``out``, all or nothing; return the paths.
+
+    ``report.json`` names its figures relative to ``out`` (their file names): the folder can be
+    moved or copied and the report still finds them.
+    """
     if figures and not have_matplotlib():
         print(NO_MATPLOTLIB)
         figures = []
-    report["figures"] = [str(out / name) for name, _ in figures]
+    report["figures"] = [name for name, _ in figures]
     with staged(out) as folder:
         for name, draw in figures:
             draw(folder / name)

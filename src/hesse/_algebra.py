@@ -1,0 +1,234 @@
+"""Operator algebra: ``A + B``, ``A - B``, ``c * A``, ``-A`` and the identity, lazily.
+
+A sum is never formed: ``(c₁A₁ + c₂A₂) @ V = c₁(A₁ @ V) + c₂(A₂ @ V)``, so damping a curvature
+operator, ``G + λ·I``, costs one product of ``G`` and an addition. Every combination is again an
+`hesse._protocol.Operator`: it keeps ``shape``, ``dtype``, ``device``, products on ``(N,)``,
+``(N, K)`` and (when a part knows the parameter layout) name-keyed dicts, ``to_dense()``, an
+exact ``diagonal()`` when every part has one, ``to_scipy()``, sessions and the data's shard.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hesse._distributed import Shard
+from hesse._layout import ParamLayout
+from hesse._protocol import Operator
+
+__all__ = ["IdentityOperator", "LinearCombination", "scalar"]
+
+
+def scalar(value: Any) -> float | None:
+    """``value`` as a Python float if it is a real number (a 0-dim tensor too), else None."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+class IdentityOperator(Operator):
+    r"""The identity $I$ of size ``n``: the damping term of ``G + λ * I``.
+
+    Args:
+        n: The size ``N``.
+        dtype: The dtype of products (default: torch's default dtype).
+        device: The device of products (default: the CPU).
+
+    Example:
+        Damping adds $\lambda$ to every eigenvalue:
+
+        >>> import hesse
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> X, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1)
+        >>> G = hesse.GGNOperator(model, torch.nn.MSELoss(reduction="sum"), (X, y))
+        >>> damped = G + 0.5 * hesse.IdentityOperator.like(G)
+        >>> damped.to_dense()
+        tensor([[2.5000, 0.0000],
+                [0.0000, 8.5000]])
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"n: expected a positive int (the size N), got {n!r}.")
+        self._n: int = int(n)
+        self._dtype: torch.dtype = dtype if dtype is not None else torch.get_default_dtype()
+        self._device: torch.device = torch.device(device if device is not None else "cpu")
+        self.layout: ParamLayout | None = None
+
+    @classmethod
+    def like(cls, op: Any) -> IdentityOperator:
+        """The identity of ``op``'s size, dtype and device (and parameter layout, if any)."""
+        identity = cls(op.shape[0], dtype=op.dtype, device=op.device)
+        identity.layout = getattr(op, "layout", None)
+        return identity
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._n, self._n)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def shard(self) -> Shard:
+        return Shard()  # the same on every rank: nothing to communicate
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, dict):
+            return {name: value.clone() for name, value in other.items()}
+        return _check_operand(self, other).clone()
+
+    def to_dense(self) -> Tensor:
+        return torch.eye(self._n, dtype=self._dtype, device=self._device)
+
+    def diagonal(self) -> Tensor:
+        return torch.ones(self._n, dtype=self._dtype, device=self._device)
+
+    def __repr__(self) -> str:
+        return f"IdentityOperator(n={self._n}, dtype={self._dtype}, device={self._device})"
+
+
+def _check_operand(op: Operator, other: Any) -> Tensor:
+    n = op.shape[0]
+    if not isinstance(other, Tensor):
+        raise TypeError(
+            f"vector: expected a tensor of shape ({n},) or ({n}, K), got {type(other).__name__}."
+        )
+    if other.ndim not in (1, 2) or other.shape[0] != n:
+        raise ValueError(
+            f"vector: expected shape ({n},) or ({n}, K) for this {n} x {n} operator, got "
+            f"{tuple(other.shape)}."
+        )
+    if other.dtype != op.dtype or other.device != op.device:
+        raise TypeError(
+            f"vector: expected {op.dtype} on {op.device}, got {other.dtype} on {other.device}; "
+            f"convert it with v.to({op.dtype}, {str(op.device)!r})."
+        )
+    return other
+
+
+class LinearCombination(Operator):
+    r"""$\sum_i c_i A_i$ of operators of one shape, dtype and device, never formed.
+
+    Built by ``A + B``, ``A - B``, ``c * A``, ``A * c``, ``A / c`` and ``-A``; nested
+    combinations are flattened into one list of terms.
+    """
+
+    def __init__(self, terms: list[tuple[float, Operator]]) -> None:
+        flat: list[tuple[float, Operator]] = []
+        for coefficient, op in terms:
+            if isinstance(op, LinearCombination):
+                flat.extend((coefficient * c, part) for c, part in op.terms)
+            else:
+                flat.append((coefficient, op))
+        first = flat[0][1]
+        for _, op in flat[1:]:
+            if tuple(op.shape) != tuple(first.shape):
+                raise ValueError(
+                    f"operators: shapes differ, {tuple(first.shape)} and {tuple(op.shape)}; only "
+                    "operators of the same size can be added."
+                )
+            if op.dtype != first.dtype or op.device != first.device:
+                raise ValueError(
+                    f"operators: {first.dtype} on {first.device} and {op.dtype} on {op.device} "
+                    "cannot be added; build both on the same dtype and device (for the "
+                    "identity: hesse.IdentityOperator.like(op))."
+                )
+        found = [getattr(op, "layout", None) for _, op in flat]
+        layouts = {layout.names: layout for layout in found if layout is not None}
+        if len(layouts) > 1:
+            raise ValueError(
+                "operators: built on different parameters "
+                f"({' vs '.join(str(list(names)) for names in layouts)}); add operators of one "
+                "parameter selection."
+            )
+        shards = {id(op.shard.group): op.shard for _, op in flat if op.shard.distributed}
+        if len(shards) > 1:
+            raise ValueError(
+                "operators: distributed over different process groups; their sum would need "
+                "two groups to agree on every random draw."
+            )
+        self.terms: tuple[tuple[float, Operator], ...] = tuple(flat)
+        self.layout: ParamLayout | None = next(iter(layouts.values()), None)
+        self._shard = next(iter(shards.values()), Shard())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.terms[0][1].shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.terms[0][1].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.terms[0][1].device
+
+    @property
+    def shard(self) -> Shard:
+        return self._shard
+
+    def session(self) -> AbstractContextManager[None]:
+        return self._sessions()
+
+    @contextmanager
+    def _sessions(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for _, op in self.terms:
+                stack.enter_context(op.session())
+            yield
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, dict):
+            if self.layout is None:
+                raise TypeError(
+                    "vector: a dict needs an operator that knows the parameter layout; none of "
+                    "the parts of this sum does. Pass a flat tensor."
+                )
+            flat = self.layout.flatten(other)
+            return self.layout.unflatten(self @ flat)
+        _check_operand(self, other)
+        with self.session():
+            out: Tensor | None = None
+            for coefficient, op in self.terms:
+                term = op @ other
+                out = term * coefficient if out is None else out.add_(term, alpha=coefficient)
+        assert out is not None
+        return out
+
+    def to_dense(self) -> Tensor:
+        with self.session():
+            return sum(c * op.to_dense() for c, op in self.terms)  # type: ignore[return-value]
+
+    def diagonal(self) -> Tensor:
+        """The exact diagonal, when every part has an exact ``diagonal()``."""
+        missing = [type(op).__name__ for _, op in self.terms if not hasattr(op, "diagonal")]
+        if missing:
+            raise NotImplementedError(
+                f"diagonal(): {', '.join(missing)} has no exact diagonal; estimate it with "
+                "hesse.diagonal(A, method='diag++'), or form A.to_dense().diagonal()."
+            )
+        with self.session():
+            return sum(c * op.diagonal() for c, op in self.terms)  # type: ignore[attr-defined,return-value]
+
+    def __repr__(self) -> str:
+        parts = " + ".join(f"{c:g} * {op!r}" for c, op in self.terms)
+        return f"LinearCombination({parts})"

@@ -1,0 +1,152 @@
+"""Operator algebra and the operator protocol, against dense float64 products."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close
+from torch import Tensor, nn
+
+import hesse
+from hesse._distributed import Shard
+from hesse._protocol import Operator
+
+F64 = torch.float64
+
+
+def _problem() -> tuple[hesse.HessianOperator, hesse.GGNOperator, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    x = torch.randn(12, 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    data = [(x[:8], y[:8]), (x[8:], y[8:])]
+    h = hesse.HessianOperator(model, nn.CrossEntropyLoss(), data)
+    gg = hesse.GGNOperator(model, nn.CrossEntropyLoss(), data)
+    return h, gg, h.to_dense(), gg.to_dense()
+
+
+def test_sums_differences_and_multiples_match_dense_algebra() -> None:
+    h, g, hd, gd = _problem()
+    n = h.shape[0]
+    eye = torch.eye(n, dtype=F64)
+    v = torch.randn(n, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    cases = {
+        "H + G": (h + g, hd + gd),
+        "H - G": (h - g, hd - gd),
+        "2 * H": (2 * h, 2 * hd),
+        "H * 2": (h * 2, 2 * hd),
+        "tensor * H": (torch.tensor(0.5, dtype=F64) * h, 0.5 * hd),
+        "-H": (-h, -hd),
+        "H / 4": (h / 4, hd / 4),
+        "G + 0.1 I": (g + 0.1 * hesse.IdentityOperator.like(g), gd + 0.1 * eye),
+        "sum([H, G, H])": (sum([h, g, h]), 2 * hd + gd),
+        "nested": (2 * (h - 0.5 * (g + h)), hd - gd),
+    }
+    for name, (op, dense) in cases.items():
+        assert op.shape == (n, n) and op.dtype == F64 and op.device == h.device, name
+        assert_close(op @ v, dense @ v)
+        assert_close(op @ v[:, 0], dense @ v[:, 0])
+        assert_close(op.to_dense(), dense)
+        assert_close(op.diagonal(), dense.diagonal())
+        out = op @ h.layout.unflatten(v[:, 0])
+        assert_close(h.layout.flatten(out), dense @ v[:, 0])
+    combo = g + 0.1 * hesse.IdentityOperator.like(g)
+    assert isinstance(combo, hesse.LinearCombination) and len(combo.terms) == 2
+    scipy = pytest.importorskip("scipy")
+    del scipy
+    assert_close(torch.as_tensor(combo.to_scipy() @ v[:, 0].numpy()), (gd + 0.1 * eye) @ v[:, 0])
+
+
+def test_combinations_work_in_every_spectral_tool() -> None:
+    h, g, hd, gd = _problem()
+    damped = g + 1e-2 * hesse.IdentityOperator.like(g)
+    exact = torch.linalg.eigvalsh(gd + 1e-2 * torch.eye(g.shape[0], dtype=F64))
+    values, _ = hesse.eigsh(damped, k=2, which="LA")
+    assert_close(values, exact[-2:], rtol=1e-9)
+    assert math.isclose(
+        float(hesse.sharpness(h - g)),
+        float(torch.linalg.eigvalsh(hd - gd).abs().max()),
+        rel_tol=1e-9,
+    )
+    tr = hesse.trace(damped, num_matvecs=30, seed=0)
+    assert abs(float(tr.estimate) - float(exact.sum())) < 4 * float(tr.stderr) + 1e-9
+    assert_close(hesse.diagonal(damped, method="exact"), gd.diagonal() + 1e-2)
+    density = hesse.spectral_density(damped, num_probes=2, lanczos_steps=10, seed=0)
+    assert torch.isfinite(density.density).all()
+
+
+def test_algebra_refuses_what_does_not_add_up() -> None:
+    h, g, _, _ = _problem()
+    small = hesse.IdentityOperator(3, dtype=F64)
+    with pytest.raises(ValueError, match="operators: shapes differ"):
+        h + small
+    with pytest.raises(ValueError, match=r"cannot be added.*IdentityOperator\.like"):
+        h + hesse.IdentityOperator(h.shape[0], dtype=torch.float32)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        h + torch.eye(h.shape[0], dtype=F64)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        h * h
+    with pytest.raises(ValueError, match="n: expected a positive int"):
+        hesse.IdentityOperator(0)
+    with pytest.raises(ValueError, match=r"vector: expected shape \(3,\) or \(3, K\)"):
+        small @ torch.ones(4, dtype=F64)
+
+    class NoDiagonal(Operator):  # an operator of products only
+        shape, dtype, device, shard = (3, 3), F64, torch.device("cpu"), Shard()
+
+        def __matmul__(self, v: Tensor) -> Tensor:
+            return 2 * v
+
+    combo = NoDiagonal() + small
+    with pytest.raises(NotImplementedError, match="NoDiagonal has no exact diagonal"):
+        combo.diagonal()
+    assert_close(combo.to_dense(), 3 * torch.eye(3, dtype=F64))
+    # The spectral tools fall back to the dense diagonal for budgets that reach N.
+    assert_close(hesse.diagonal(combo, num_matvecs=3), torch.full((3,), 3.0, dtype=F64))
+
+
+def test_every_kind_of_operator_in_the_protocol() -> None:
+    """A dense symmetric tensor, hesse's operators and sums, a user's own class, and
+    curvlinops' operators (when installed) are accepted by every spectral tool alike."""
+    h, _, hd, _ = _problem()
+    exact = torch.linalg.eigvalsh(hd)
+
+    class Mine:
+        shape, dtype, device = hd.shape, hd.dtype, hd.device
+
+        def __matmul__(self, v: Tensor) -> Tensor:
+            return hd @ v
+
+    kinds: dict[str, object] = {"tensor": hd, "hesse": h, "sum": 0.5 * (h + h), "user": Mine()}
+    try:
+        with warnings.catch_warnings():  # torch 2.13 warns about torch.jit.script on import
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import curvlinops
+
+        params = [p for p in h.model.parameters()]
+        kinds["curvlinops"] = curvlinops.HessianLinearOperator(
+            h.model, h.criterion, params, [(b.inputs[0], b.target) for b in h.data]
+        )
+    except ImportError:
+        pass
+    for name, a in kinds.items():
+        check(name, a, hd, exact)
+
+
+def check(name: str, a: object, hd: Tensor, exact: Tensor) -> None:
+    # curvlinops' first jvp loads torch's forward-AD decompositions, which warns in torch 2.13
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert isinstance(a, (hesse.SymmetricOperator, Tensor)), name
+        values, vectors = hesse.eigsh(a, k=2, which="LA")
+        assert_close(values, exact[-2:], rtol=1e-8)
+        assert vectors.shape == (hd.shape[0], 2)
+        assert math.isclose(float(hesse.sharpness(a)), float(exact.abs().max()), rel_tol=1e-8)
+        assert_close(hesse.trace(a, num_matvecs=60).estimate, exact.sum(), rtol=1e-8)
+        assert_close(hesse.diagonal(a, num_matvecs=60), hd.diagonal(), rtol=1e-8)
+        density = hesse.spectral_density(a, num_probes=8, lanczos_steps=8)
+        assert_close(density.nodes[0], exact, rtol=1e-8)
