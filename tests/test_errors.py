@@ -34,8 +34,12 @@ def test_empty_selection() -> None:
 
 def test_params_of_wrong_type() -> None:
     model, x, y = _setup()
-    with pytest.raises(TypeError, match="params: expected None, a parameter name"):
+    with pytest.raises(TypeError, match=r"params\[0\]: expected a parameter name, a glob"):
         hesse.model_hessian_matrix(model, x, params=[0])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="params: expected None, a parameter name"):
+        hesse.model_hessian_matrix(model, x, params=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"params\[0\]: a tensor of shape \(2,\) that is not"):
+        hesse.model_hessian_matrix(model, x, params=[torch.zeros(2)])
 
 
 def test_model_without_trainable_parameters() -> None:

@@ -36,13 +36,22 @@ def scalar(value: Any) -> float | None:
 class IdentityOperator(Operator):
     r"""The identity $I$ of size ``n``: the damping term of ``G + λ * I``.
 
+    An operator like hesse's others (``shape``, ``dtype``, ``device``, ``@`` on ``(N,)``,
+    ``(N, K)`` and dicts, ``to_dense()``, ``diagonal()``, ``to_scipy()``) that costs nothing
+    per product. `like` builds the one that matches an operator's size, dtype, device and
+    parameter layout, so that ``G + 1e-3 * hesse.IdentityOperator.like(G)`` adds up.
+
     Args:
         n: The size ``N``.
         dtype: The dtype of products (default: torch's default dtype).
         device: The device of products (default: the CPU).
 
-    Example:
-        Damping adds $\lambda$ to every eigenvalue:
+    Raises:
+        ValueError: ``n`` is not a positive int.
+
+    Examples:
+        Damping adds $\lambda$ to every eigenvalue. Here the GGN of $\lVert Xw \rVert^2$
+        is $2X^\top X = \operatorname{diag}(2, 8)$:
 
         >>> import hesse
         >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -70,7 +79,15 @@ class IdentityOperator(Operator):
 
     @classmethod
     def like(cls, op: Any) -> IdentityOperator:
-        """The identity of ``op``'s size, dtype and device (and parameter layout, if any)."""
+        """The identity of ``op``'s size, dtype and device (and parameter layout, if any).
+
+        Args:
+            op: Any operator with ``shape``, ``dtype`` and ``device`` (hesse's or your own).
+
+        Returns:
+            An `IdentityOperator` that can be added to ``op``; it carries ``op.layout`` when
+            ``op`` has one, so the sum still takes dicts keyed by parameter name.
+        """
         identity = cls(op.shape[0], dtype=op.dtype, device=op.device)
         identity.layout = getattr(op, "layout", None)
         return identity
@@ -92,14 +109,22 @@ class IdentityOperator(Operator):
         return Shard()  # the same on every rank: nothing to communicate
 
     def __matmul__(self, other: Any) -> Any:
+        """``I @ V``: a copy of ``V`` (``(N,)``, ``(N, K)`` or a dict of tensors)."""
         if isinstance(other, dict):
-            return {name: value.clone() for name, value in other.items()}
+            if self.layout is None:
+                raise TypeError(
+                    "vector: a dict needs the parameter layout; build the identity with "
+                    "hesse.IdentityOperator.like(op) from an operator over parameters."
+                )
+            return self.layout.unflatten(_check_operand(self, self.layout.flatten(other)).clone())
         return _check_operand(self, other).clone()
 
     def to_dense(self) -> Tensor:
+        """``torch.eye(N)`` in the operator's dtype, on its device."""
         return torch.eye(self._n, dtype=self._dtype, device=self._device)
 
     def diagonal(self) -> Tensor:
+        """``torch.ones(N)`` in the operator's dtype, on its device."""
         return torch.ones(self._n, dtype=self._dtype, device=self._device)
 
     def __repr__(self) -> str:
@@ -128,11 +153,42 @@ def _check_operand(op: Operator, other: Any) -> Tensor:
 class LinearCombination(Operator):
     r"""$\sum_i c_i A_i$ of operators of one shape, dtype and device, never formed.
 
-    Built by ``A + B``, ``A - B``, ``c * A``, ``A * c``, ``A / c`` and ``-A``; nested
-    combinations are flattened into one list of terms.
+    Built by ``A + B``, ``A - B``, ``c * A``, ``A * c``, ``A / c`` and ``-A`` on hesse's
+    operators (``c`` a Python number or a one-element tensor); nested combinations are
+    flattened into one list of terms, and ``sum([A, B])`` works. A product costs one product
+    of each part: ``(c_1 A_1 + c_2 A_2) @ V = c_1 (A_1 @ V) + c_2 (A_2 @ V)``.
+
+    A combination keeps what its parts have: ``shape``, ``dtype``, ``device``, ``@`` on
+    ``(N,)``, ``(N, K)`` and (when a part knows the parameter layout) name-keyed dicts,
+    ``to_dense()``, an exact ``diagonal()`` when every part has one, ``to_scipy()``, one
+    session over all parts inside each algorithm call, and the parts' process group under
+    ``torch.distributed``. It works in every spectral tool.
+
+    Args:
+        terms: ``(coefficient, operator)`` pairs; usually built by the operators above rather
+            than by hand.
+
+    Attributes:
+        terms: The flattened ``(coefficient, operator)`` pairs.
+        layout: The parts' `ParamLayout`, or ``None`` when no part has one.
+
+    Raises:
+        ValueError: The operators differ in shape, dtype, device or parameter selection, or
+            are distributed over different process groups.
+
+    Examples:
+        >>> import hesse
+        >>> I = hesse.IdentityOperator(2, dtype=torch.float64)
+        >>> combo = 3 * I - I / 2
+        >>> [c for c, _ in combo.terms]
+        [3.0, -0.5]
+        >>> combo.diagonal()
+        tensor([2.5000, 2.5000], dtype=torch.float64)
     """
 
     def __init__(self, terms: list[tuple[float, Operator]]) -> None:
+        if not terms:
+            raise ValueError("terms: a linear combination needs at least one operator.")
         flat: list[tuple[float, Operator]] = []
         for coefficient, op in terms:
             if isinstance(op, LinearCombination):
@@ -197,6 +253,13 @@ class LinearCombination(Operator):
             yield
 
     def __matmul__(self, other: Any) -> Any:
+        """``Σ c_i (A_i @ V)`` for ``V`` of shape ``(N,)`` or ``(N, K)``, or a dict of tensors.
+
+        Raises:
+            TypeError: ``V`` is not a tensor of the operator's dtype and device, or is a dict
+                and no part knows the parameter layout.
+            ValueError: ``V`` is not of shape ``(N,)`` or ``(N, K)``.
+        """
         if isinstance(other, dict):
             if self.layout is None:
                 raise TypeError(
@@ -215,11 +278,17 @@ class LinearCombination(Operator):
         return out
 
     def to_dense(self) -> Tensor:
+        """``Σ c_i A_i.to_dense()``, the ``(N, N)`` matrix."""
         with self.session():
             return sum(c * op.to_dense() for c, op in self.terms)  # type: ignore[return-value]
 
     def diagonal(self) -> Tensor:
-        """The exact diagonal, when every part has an exact ``diagonal()``."""
+        """The exact diagonal ``Σ c_i A_i.diagonal()``, ``(N,)``.
+
+        Raises:
+            NotImplementedError: A part has no exact ``diagonal()``; `hesse.diagonal` then
+                estimates it, or takes it exactly from N products.
+        """
         missing = [type(op).__name__ for _, op in self.terms if not hasattr(op, "diagonal")]
         if missing:
             raise NotImplementedError(

@@ -190,8 +190,10 @@ def check_independent_samples(
 
 
 def alternatives(c: Curvature, *, diagonal: bool = True) -> list[Alternative]:
-    """Cheaper calls than a dense result, with their result sizes; ``diagonal=False`` when
-    the failing call is the diagonal itself."""
+    """Cheaper calls than a dense result, with their result sizes.
+
+    ``diagonal=False`` when the failing call is the diagonal itself.
+    """
     itemsize = c.layout.dtype.itemsize
     lanes = math.prod(c.lead)
     options: list[Alternative] = []

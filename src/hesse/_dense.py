@@ -183,8 +183,10 @@ def _dict(
 
 
 def _run(model: nn.Module, build: Callable[[], Any], training: bool = False) -> Any:
-    """Evaluate ``build()`` with the model's state restored afterwards (`hesse._state`); every
-    evaluation of the model inside goes through `hesse._functional`."""
+    """Evaluate ``build()`` with the model's state restored afterwards (`hesse._state`).
+
+    Every evaluation of the model inside goes through `hesse._functional`.
+    """
     with model_scope(check_model(model), training=check_training(training)):
         return build()
 
@@ -210,24 +212,41 @@ def model_hessian_matrix(
     batch of one; the cost is linear in the batch size.
 
     Args:
-        model: The module, evaluated in eval mode; its state is restored afterwards.
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            parameters, flags, buffers and ``.grad`` restored afterwards.
         inputs: A tensor or a tuple of tensors passed positionally to ``model``.
-        params: Parameter names or glob patterns; ``None`` selects every trainable parameter.
+        params: The parameters to differentiate: names, glob patterns (``"encoder.*"``) or the
+            model's ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``. Rows follow
+            ``model.named_parameters()``.
         diagonal_only: Compute only the diagonal blocks (one per parameter tensor), zeros
-            elsewhere.
-        is_batch: Dim 0 of every input is a batch of independent samples. ``False``
-            differentiates ``model(*inputs)`` as one evaluation.
-        chunk_size: Hessian columns per vectorised pass (``None``: chosen for speed and memory).
+            elsewhere; for the diagonal itself use `model_hessian_diagonal`.
+        is_batch: Dim 0 of every input is a batch of independent samples, each evaluated as
+            a batch of one. ``False`` differentiates ``model(*inputs)`` as one evaluation.
+        chunk_size: Hessian columns per vectorised pass (``None``: chosen for speed and
+            memory).
+        training: Differentiate the model in train mode (BatchNorm on the batch's statistics,
+            its running statistics untouched; dropout stays off). Only with
+            ``is_batch=False``: a sample alone has no batch statistics.
 
     Returns:
         Shape ``(B, *O, N, N)`` with ``is_batch=True``, else ``(*O, N, N)``, where
         ``O = model(*inputs).shape[1:]`` (or ``.shape``) and ``N`` is the number of selected
-        parameter entries, ordered as ``model.named_parameters()``.
+        parameter entries, ordered as ``model.named_parameters()``; on the parameters' dtype
+        and device, detached.
 
     Raises:
-        MemoryBudgetError: The result and working set would not fit in the device's memory.
+        TypeError: ``model`` is not an ``nn.Module``, ``inputs`` are not tensors, the model
+            does not return one floating-point tensor, or a flag or ``chunk_size`` has the
+            wrong type.
+        ValueError: ``params`` names no parameter of the model or selects none; a selected
+            parameter is NaN or infinite; ``chunk_size < 1``; with ``is_batch=True``: the
+            inputs' batch sizes differ or are 0, the model couples the samples of a batch
+            (batch statistics, an operation across dim 0), or ``training=True``.
+        MemoryBudgetError: The result and working set would not fit in the device's memory
+            (raised before allocating).
 
-    Example:
+    Examples:
         The quadratic form $f(x) = x^\top A x$ has Hessian $2A$ for every x:
 
         >>> class Quadratic(torch.nn.Module):
@@ -266,11 +285,50 @@ def model_hessian_dict(
 ) -> dict[str, dict[str, Tensor]]:
     """The model Hessian as ``d[P][Q]`` blocks, the layout of ``torch.func.hessian``.
 
-    Args and semantics as `model_hessian_matrix`.
+    The same Hessian as `model_hessian_matrix`, split by parameter: ``d[P][Q]`` holds the
+    second derivatives with respect to parameters ``P`` and ``Q``.
+
+    Args:
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            parameters, flags, buffers and ``.grad`` restored afterwards.
+        inputs: A tensor or a tuple of tensors passed positionally to ``model``.
+        params: The parameters to differentiate: names, glob patterns (``"encoder.*"``) or the
+            model's ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``. Rows follow
+            ``model.named_parameters()``.
+        diagonal_only: Compute only the blocks ``d[P][P]`` of each parameter with itself;
+            the others are absent.
+        is_batch: Dim 0 of every input is a batch of independent samples, each evaluated as
+            a batch of one. ``False`` differentiates ``model(*inputs)`` as one evaluation.
+        chunk_size: Hessian columns per vectorised pass (``None``: chosen for speed and
+            memory).
+        training: Differentiate the model in train mode (BatchNorm on the batch's statistics,
+            its running statistics untouched; dropout stays off). Only with
+            ``is_batch=False``: a sample alone has no batch statistics.
 
     Returns:
         ``d[P][Q]`` of shape ``(B, *O, *shape(P), *shape(Q))`` (``(*O, ...)`` with
-        ``is_batch=False``); with ``diagonal_only=True`` only ``d[P][P]`` exists.
+        ``is_batch=False``), keyed by parameter name in ``model.named_parameters()`` order;
+        with ``diagonal_only=True`` only ``d[P][P]`` exists.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``inputs`` are not tensors, the model
+            does not return one floating-point tensor, or a flag or ``chunk_size`` has the
+            wrong type.
+        ValueError: ``params`` names no parameter of the model or selects none; a selected
+            parameter is NaN or infinite; ``chunk_size < 1``; with ``is_batch=True``: the
+            inputs' batch sizes differ or are 0, the model couples the samples of a batch
+            (batch statistics, an operation across dim 0), or ``training=True``.
+        MemoryBudgetError: The result and working set would not fit in the device's memory
+            (raised before allocating).
+
+    Examples:
+        >>> model = torch.nn.Linear(2, 1)  # f = w1 x1 + w2 x2 + b: linear, zero Hessian
+        >>> d = model_hessian_dict(model, torch.ones(3, 2))
+        >>> d["weight"]["bias"].shape  # (B, *O, *weight.shape, *bias.shape)
+        torch.Size([3, 1, 1, 2, 1])
+        >>> bool(d["weight"]["weight"].eq(0).all())
+        True
     """
     what = "model_hessian_dict"
     return _run(
@@ -294,10 +352,53 @@ def model_hessian_diagonal(
     chunk_size: int | None = None,
     training: bool = False,
 ) -> Tensor:
-    """The exact diagonal of each model-output Hessian, without forming the matrix.
+    r"""The exact diagonal of each model-output Hessian, without forming the matrix.
+
+    Every entry still costs a Hessian column, so the time is about that of
+    `model_hessian_matrix`; the memory is $O(\text{chunk} \cdot N)$ instead of $N^2$.
+
+    Args:
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            parameters, flags, buffers and ``.grad`` restored afterwards.
+        inputs: A tensor or a tuple of tensors passed positionally to ``model``.
+        params: The parameters to differentiate: names, glob patterns (``"encoder.*"``) or the
+            model's ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``. Rows follow
+            ``model.named_parameters()``.
+        is_batch: Dim 0 of every input is a batch of independent samples, each evaluated as
+            a batch of one. ``False`` differentiates ``model(*inputs)`` as one evaluation.
+        chunk_size: Hessian columns per vectorised pass (``None``: chosen for speed and
+            memory).
+        training: Differentiate the model in train mode (BatchNorm on the batch's statistics,
+            its running statistics untouched; dropout stays off). Only with
+            ``is_batch=False``: a sample alone has no batch statistics.
 
     Returns:
-        Shape ``(B, *O, N)`` (``(*O, N)`` with ``is_batch=False``); memory ``O(chunk · N)``.
+        Shape ``(B, *O, N)`` (``(*O, N)`` with ``is_batch=False``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``inputs`` are not tensors, the model
+            does not return one floating-point tensor, or a flag or ``chunk_size`` has the
+            wrong type.
+        ValueError: ``params`` names no parameter of the model or selects none; a selected
+            parameter is NaN or infinite; ``chunk_size < 1``; with ``is_batch=True``: the
+            inputs' batch sizes differ or are 0, the model couples the samples of a batch
+            (batch statistics, an operation across dim 0), or ``training=True``.
+        MemoryBudgetError: The result and working set would not fit in the device's memory
+            (raised before allocating).
+
+    Examples:
+        $f = (w_1 x_1)^2 + (w_2 x_2)^2$ has diagonal $(2x_1^2, 2x_2^2)$:
+
+        >>> class Squares(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.ones(2))
+        ...     def forward(self, x):
+        ...         return (self.w * x).pow(2).sum(-1)
+        >>> model_hessian_diagonal(Squares(), torch.tensor([[1.0, 3.0], [2.0, 0.0]]))
+        tensor([[ 2., 18.],
+                [ 8.,  0.]])
     """
     what = "model_hessian_diagonal"
     return _run(
@@ -320,11 +421,54 @@ def model_sharpness(
     chunk_size: int | None = None,
     training: bool = False,
 ) -> Tensor:
-    """Largest absolute eigenvalue of each model-output Hessian.
+    r"""Largest absolute eigenvalue $\max_i |\lambda_i|$ of each model-output Hessian.
+
+    Each Hessian is formed densely (as by `model_hessian_matrix`) and solved with
+    ``torch.linalg.eigvalsh``.
+
+    Args:
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            parameters, flags, buffers and ``.grad`` restored afterwards.
+        inputs: A tensor or a tuple of tensors passed positionally to ``model``.
+        params: The parameters to differentiate: names, glob patterns (``"encoder.*"``) or the
+            model's ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``. Rows follow
+            ``model.named_parameters()``.
+        is_batch: Dim 0 of every input is a batch of independent samples, each evaluated as
+            a batch of one. ``False`` differentiates ``model(*inputs)`` as one evaluation.
+        chunk_size: Hessian columns per vectorised pass (``None``: chosen for speed and
+            memory).
+        training: Differentiate the model in train mode (BatchNorm on the batch's statistics,
+            its running statistics untouched; dropout stays off). Only with
+            ``is_batch=False``: a sample alone has no batch statistics.
 
     Returns:
         Shape ``(B, *O)`` (``O`` as in `model_hessian_matrix`), or ``(*O)`` with
         ``is_batch=False``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``inputs`` are not tensors, the model
+            does not return one floating-point tensor, or a flag or ``chunk_size`` has the
+            wrong type.
+        ValueError: ``params`` names no parameter of the model or selects none; a selected
+            parameter is NaN or infinite; ``chunk_size < 1``; with ``is_batch=True``: the
+            inputs' batch sizes differ or are 0, the model couples the samples of a batch
+            (batch statistics, an operation across dim 0), or ``training=True``.
+        MemoryBudgetError: The result and working set would not fit in the device's memory
+            (raised before allocating).
+
+    Examples:
+        $f = w_1 w_2 x$ has Hessian $\begin{pmatrix} 0 & x \\ x & 0 \end{pmatrix}$, with
+        eigenvalues $\pm x$:
+
+        >>> class Product(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.ones(2))
+        ...     def forward(self, x):
+        ...         return self.w[0] * self.w[1] * x
+        >>> model_sharpness(Product(), torch.tensor([3.0, -2.0]))
+        tensor([3., 2.])
     """
     what = "model_sharpness"
     return _run(
@@ -359,18 +503,39 @@ def loss_hessian_matrix(
     r"""Hessian of the scalar ``criterion(model(*inputs), target)`` with respect to the parameters.
 
     Args:
-        model: The module, evaluated in eval mode; its state is restored afterwards.
-        criterion: Any callable returning a scalar tensor (an ``nn.Module`` loss or a function).
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            parameters, flags, buffers and ``.grad`` restored afterwards.
+        criterion: Any callable ``criterion(output, target)`` returning a scalar tensor (an
+            ``nn.Module`` loss or a function).
         inputs: A tensor or a tuple of tensors passed positionally to ``model``.
-        target: Passed to ``criterion`` as its second argument.
-        params: Parameter names or glob patterns; ``None`` selects every trainable parameter.
-        diagonal_only: Compute only the diagonal blocks, zeros elsewhere.
-        chunk_size: Hessian columns per vectorised pass (``None``: chosen for speed and memory).
+        target: Passed to ``criterion`` as its second argument (``None`` for a criterion that
+            ignores it).
+        params: The parameters to differentiate: names, glob patterns (``"encoder.*"``) or the
+            model's ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``. Rows follow
+            ``model.named_parameters()``.
+        diagonal_only: Compute only the diagonal blocks (one per parameter tensor), zeros
+            elsewhere; for the diagonal itself use the ``*_hessian_diagonal`` functions.
+        chunk_size: Hessian columns per vectorised pass (``None``: chosen for speed and
+            memory).
+        training: The Hessian of the training-mode loss: BatchNorm normalises with the
+            batch's statistics (its running statistics untouched); dropout stays off.
 
     Returns:
-        Shape ``(N, N)`` on the parameters' dtype and device.
+        Shape ``(N, N)`` on the parameters' dtype and device, detached; rows and columns
+        follow ``model.named_parameters()`` (see `ParamLayout`).
 
-    Example:
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
+            not return a floating-point tensor, ``inputs`` are not tensors, or a flag or
+            ``chunk_size`` has the wrong type.
+        ValueError: ``params`` names no parameter of the model or selects none; a selected
+            parameter is NaN or infinite; the batch is empty; the loss is not a scalar
+            (``reduction="none"``); ``chunk_size < 1``.
+        MemoryBudgetError: The result and working set would not fit in the device's memory
+            (raised before allocating).
+
+    Examples:
         Least squares $\frac{1}{2}\lVert Xw - y\rVert^2$ has Hessian $X^\top X$:
 
         >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -404,9 +569,50 @@ def loss_hessian_dict(
     chunk_size: int | None = None,
     training: bool = False,
 ) -> dict[str, dict[str, Tensor]]:
-    """The loss Hessian as ``d[P][Q]`` blocks of shape ``(*shape(P), *shape(Q))``.
+    r"""The loss Hessian as ``d[P][Q]`` blocks, the layout of ``torch.func.hessian``.
 
-    Args and semantics as `loss_hessian_matrix`; with ``diagonal_only=True`` only ``d[P][P]``.
+    Args:
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            parameters, flags, buffers and ``.grad`` restored afterwards.
+        criterion: Any callable ``criterion(output, target)`` returning a scalar tensor (an
+            ``nn.Module`` loss or a function).
+        inputs: A tensor or a tuple of tensors passed positionally to ``model``.
+        target: Passed to ``criterion`` as its second argument (``None`` for a criterion that
+            ignores it).
+        params: The parameters to differentiate: names, glob patterns (``"encoder.*"``) or the
+            model's ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``. Rows follow
+            ``model.named_parameters()``.
+        diagonal_only: Compute only the blocks ``d[P][P]`` of each parameter with itself;
+            the others are absent.
+        chunk_size: Hessian columns per vectorised pass (``None``: chosen for speed and
+            memory).
+        training: The Hessian of the training-mode loss: BatchNorm normalises with the
+            batch's statistics (its running statistics untouched); dropout stays off.
+
+    Returns:
+        ``d[P][Q]`` of shape ``(*shape(P), *shape(Q))``, keyed by parameter name in
+        ``model.named_parameters()`` order; with ``diagonal_only=True`` only ``d[P][P]``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
+            not return a floating-point tensor, ``inputs`` are not tensors, or a flag or
+            ``chunk_size`` has the wrong type.
+        ValueError: ``params`` names no parameter of the model or selects none; a selected
+            parameter is NaN or infinite; the batch is empty; the loss is not a scalar
+            (``reduction="none"``); ``chunk_size < 1``.
+        MemoryBudgetError: The result and working set would not fit in the device's memory
+            (raised before allocating).
+
+    Examples:
+        For $\frac{1}{2}\lVert Xw + b\rVert^2$ the weight-bias block is $X^\top \mathbf{1}$:
+
+        >>> model = torch.nn.Linear(2, 1)
+        >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> loss = lambda out, t: 0.5 * out.pow(2).sum()
+        >>> loss_hessian_dict(model, loss, X, None)["weight"]["bias"]
+        tensor([[[4.],
+                 [6.]]])
     """
     what = "loss_hessian_dict"
     return _run(
@@ -433,7 +639,40 @@ def loss_hessian_diagonal(
 ) -> Tensor:
     r"""The exact diagonal of the loss Hessian, ``(N,)``, without forming the matrix.
 
-    Example:
+    Every entry still costs a Hessian column, so the time is about that of
+    `loss_hessian_matrix`; the memory is $O(\text{chunk} \cdot N)$ instead of $N^2$.
+
+    Args:
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            parameters, flags, buffers and ``.grad`` restored afterwards.
+        criterion: Any callable ``criterion(output, target)`` returning a scalar tensor (an
+            ``nn.Module`` loss or a function).
+        inputs: A tensor or a tuple of tensors passed positionally to ``model``.
+        target: Passed to ``criterion`` as its second argument (``None`` for a criterion that
+            ignores it).
+        params: The parameters to differentiate: names, glob patterns (``"encoder.*"``) or the
+            model's ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``. Rows follow
+            ``model.named_parameters()``.
+        chunk_size: Hessian columns per vectorised pass (``None``: chosen for speed and
+            memory).
+        training: The Hessian of the training-mode loss: BatchNorm normalises with the
+            batch's statistics (its running statistics untouched); dropout stays off.
+
+    Returns:
+        Shape ``(N,)`` on the parameters' dtype and device.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
+            not return a floating-point tensor, ``inputs`` are not tensors, or a flag or
+            ``chunk_size`` has the wrong type.
+        ValueError: ``params`` names no parameter of the model or selects none; a selected
+            parameter is NaN or infinite; the batch is empty; the loss is not a scalar
+            (``reduction="none"``); ``chunk_size < 1``.
+        MemoryBudgetError: The result and working set would not fit in the device's memory
+            (raised before allocating).
+
+    Examples:
         For $\sum_i (w \cdot x_i)^2$ the diagonal is $2 \sum_i x_i^2$:
 
         >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -467,22 +706,52 @@ def loss_sharpness(
 
     Up to N = 256 the dense Hessian is formed and ``eigvalsh`` takes its spectrum; beyond,
     Lanczos runs on Hessian-vector products (`hesse.HessianOperator` and `hesse.sharpness`)
-    and the N x N matrix is never formed: at N = 5,699 that took 0.66 s where the dense
-    matrix took 11.3 s. Edge-of-stability work tracks the largest *algebraic* eigenvalue
-    instead: ``hesse.eigsh(hesse.HessianOperator(...), k=1, which="LA")``.
+    and the N x N matrix is never formed: at N = 5,699 that took 0.66 s where forming the
+    dense matrix took 11.3 s. Lanczos stops at a relative residual of the square root of the
+    dtype's machine epsilon, so the value then agrees with the dense one to about machine
+    precision, not bit for bit; its start vector comes from a fixed seed, so the call is
+    reproducible and leaves torch's global generator alone.
+
+    Edge-of-stability work tracks the largest *algebraic* eigenvalue instead:
+    ``hesse.eigsh(hesse.HessianOperator(...), k=1, which="LA")``.
 
     Args:
-        model: The module, evaluated in eval mode; its state is restored afterwards.
-        criterion: Any callable returning a scalar tensor.
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            parameters, flags, buffers and ``.grad`` restored afterwards.
+        criterion: Any callable ``criterion(output, target)`` returning a scalar tensor (an
+            ``nn.Module`` loss or a function).
         inputs: A tensor or a tuple of tensors passed positionally to ``model``.
-        target: Passed to ``criterion`` as its second argument.
-        params: Parameter names, glob patterns or ``nn.Parameter`` objects; ``None`` selects
-            every trainable parameter.
-        chunk_size: Hessian columns per vectorised pass of the dense path (N <= 256).
-        training: The curvature of the training-mode loss (BatchNorm on batch statistics).
+        target: Passed to ``criterion`` as its second argument (``None`` for a criterion that
+            ignores it).
+        params: The parameters to differentiate: names, glob patterns (``"encoder.*"``) or the
+            model's ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``. Rows follow
+            ``model.named_parameters()``.
+        chunk_size: Hessian columns per vectorised pass of the dense path (N <= 256);
+            unused beyond.
+        training: The Hessian of the training-mode loss: BatchNorm normalises with the
+            batch's statistics (its running statistics untouched); dropout stays off.
 
     Returns:
         A 0-dim tensor on the parameters' dtype and device.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
+            not return a floating-point tensor, ``inputs`` are not tensors, or a flag or
+            ``chunk_size`` has the wrong type.
+        ValueError: ``params`` names no parameter of the model or selects none; a selected
+            parameter is NaN or infinite; the batch is empty; the loss is not a scalar
+            (``reduction="none"``); ``chunk_size < 1``.
+        MemoryBudgetError: The dense Hessian (N <= 256) would not fit in the device's memory.
+
+    Examples:
+        $\frac{1}{2}\lVert Xw\rVert^2$ with $X = \operatorname{diag}(1, 2)$ has Hessian
+        $X^\top X = \operatorname{diag}(1, 4)$:
+
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> loss_sharpness(model, lambda out, t: 0.5 * out.pow(2).sum(), X, None)
+        tensor(4.)
     """
     what = "loss_sharpness"
 
@@ -493,7 +762,7 @@ def loss_sharpness(
         # Matrix-free: Lanczos on products, far cheaper than forming N x N and solving it.
         batch = Batch(normalize_inputs(inputs), normal_tensor(target))
         op = HessianOperator(model, criterion, batch, params, training=training)
-        return sharpness(op).to(c.layout.dtype)
+        return sharpness(op, seed=0).to(c.layout.dtype)  # reproducible; global RNG untouched
 
     return _run(model, build, training)
 
@@ -508,13 +777,54 @@ def per_sample_loss_hessian(
     chunk_size: int | None = None,
     training: bool = False,
 ) -> Tensor:
-    """Hessian of each sample's own loss ``criterion(model(x_b[None]), target[b][None])``.
+    r"""Hessian of each sample's own loss ``criterion(model(x_b[None]), target[b][None])``.
 
     For ``reduction="sum"`` the per-sample Hessians add up to the batch loss Hessian; for
-    ``"mean"`` their mean does. Cost is linear in the batch size.
+    ``"mean"`` their mean does. Each sample is evaluated as a batch of one, in eval mode;
+    the cost is linear in the batch size.
+
+    Args:
+        model: The module; evaluated in eval mode, its parameters, flags, buffers and
+            ``.grad`` restored afterwards.
+        criterion: Any callable ``criterion(output, target)`` returning a scalar tensor (an
+            ``nn.Module`` loss or a function).
+        inputs: A tensor or a tuple of tensors passed positionally to ``model``; dim 0 of
+            each is the batch.
+        target: A tensor whose dim 0 is the batch: sample ``b``'s loss gets ``target[b][None]``.
+        params: The parameters to differentiate: names, glob patterns (``"encoder.*"``) or the
+            model's ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``. Rows follow
+            ``model.named_parameters()``.
+        chunk_size: Hessian columns per vectorised pass (``None``: chosen for speed and
+            memory).
+        training: Must be ``False``: a sample evaluated alone has no batch statistics. For
+            the training-mode batch loss use ``loss_hessian_matrix(..., training=True)``.
 
     Returns:
         Shape ``(B, N, N)``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
+            not return a floating-point tensor, ``inputs`` are not tensors, or ``training``
+            or ``chunk_size`` has the wrong type.
+        ValueError: ``training=True``; ``target`` is not a tensor whose dim 0 is the batch;
+            the inputs' batch sizes differ or are 0; the model couples the samples of a
+            batch; ``params`` names no parameter or selects none; a selected parameter is
+            NaN or infinite; the loss is not a scalar; ``chunk_size < 1``.
+        MemoryBudgetError: The result and working set would not fit in the device's memory
+            (raised before allocating).
+
+    Examples:
+        $\ell_b = (w \cdot x_b)^2$ has Hessian $2 x_b x_b^	op$:
+
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> X, y = torch.tensor([[1.0, 0.0], [1.0, 2.0]]), torch.zeros(2, 1)
+        >>> per_sample_loss_hessian(model, torch.nn.MSELoss(reduction="sum"), X, y)
+        tensor([[[2., 0.],
+                 [0., 0.]],
+        <BLANKLINE>
+                [[2., 4.],
+                 [4., 8.]]])
     """
     what = "per_sample_loss_hessian"
     if check_training(training):

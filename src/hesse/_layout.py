@@ -32,7 +32,7 @@ class ParamLayout:
         dtype: The common dtype of the parameters.
         device: The common device of the parameters.
 
-    Example:
+    Examples:
         >>> layout = ParamLayout(("w", "b"), (torch.Size([2, 3]), torch.Size([2])),
         ...                      torch.float64, torch.device("cpu"))
         >>> layout.numel, layout.offsets, layout.slice("b")
@@ -49,7 +49,24 @@ class ParamLayout:
 
     @classmethod
     def from_module(cls, model: nn.Module, params: Params = None) -> ParamLayout:
-        """The layout of ``model``'s parameters selected by ``params`` (see `select_parameters`)."""
+        """The layout of ``model``'s parameters selected by ``params``.
+
+        Args:
+            model: The module whose parameters are laid out.
+            params: Names, glob patterns (``"encoder.*"``) or the model's ``nn.Parameter``
+                objects, one or a list (``list(model[2].parameters())``); ``None`` selects
+                every parameter with ``requires_grad=True``. A frozen parameter named exactly
+                or passed as an object is selected; tied parameters count once.
+
+        Returns:
+            The layout, blocks in ``model.named_parameters()`` order.
+
+        Raises:
+            TypeError: ``params`` is not None, a string, a Parameter or a sequence of them.
+            ValueError: A name matches no parameter, a tensor is not one of the model's
+                parameters, the selection is empty, or the selected parameters do not share
+                one dtype and device.
+        """
         selected = select_parameters(model, params)
         dtypes = {p.dtype for _, p in selected}
         devices = {p.device for _, p in selected}
@@ -84,12 +101,29 @@ class ParamLayout:
         return sum(self.numels)
 
     def slice(self, name: str) -> slice:
-        """Flat index range of block ``name``."""
+        """Flat index range of block ``name``.
+
+        Args:
+            name: A parameter name of this layout.
+
+        Returns:
+            The ``slice`` of its rows (and columns) in flat vectors and matrices.
+
+        Raises:
+            ValueError: ``name`` is not in the layout.
+        """
         i = self.names.index(name)
         return slice(self.offsets[i], self.offsets[i] + self.numels[i])
 
     def restrict(self, names: Iterable[str]) -> ParamLayout:
-        """The layout of a subset of the blocks, in this layout's order."""
+        """The layout of a subset of the blocks, in this layout's order.
+
+        Args:
+            names: Parameter names of this layout; others are ignored.
+
+        Returns:
+            A new `ParamLayout` with only those blocks.
+        """
         keep = set(names)
         idx = [i for i, n in enumerate(self.names) if n in keep]
         return ParamLayout(
@@ -100,11 +134,29 @@ class ParamLayout:
         )
 
     def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
-        """Concatenate one tensor per block into a flat ``(N,)`` vector."""
+        """Concatenate one tensor per block into a flat ``(N,)`` vector.
+
+        Args:
+            tensors: One tensor per parameter name, of the parameter's shape (more keys are
+                ignored).
+
+        Returns:
+            ``(N,)``, blocks in the layout's order.
+
+        Raises:
+            KeyError: A parameter name is missing from ``tensors``.
+        """
         return torch.cat([tensors[n].reshape(-1) for n in self.names])
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        """Split the last dim of ``flat`` (``(..., N)``) into one view per block."""
+        """Split the last dim of ``flat`` (``(..., N)``) into one view per block.
+
+        Args:
+            flat: A tensor whose last dim has size N.
+
+        Returns:
+            ``{name: (..., *shape)}``, views of ``flat``, in the layout's order.
+        """
         lead = flat.shape[:-1]
         parts = flat.split(self.numels, dim=-1)
         return {n: p.view(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}
@@ -115,6 +167,14 @@ class ParamLayout:
         Blocks outside the window are left out (the model keeps its own values, equal to
         ``base``), so autograd never tracks them; a block that straddles an edge is stitched
         from ``base`` and ``t``. Used to differentiate a window of the parameters only.
+
+        Args:
+            base: The full flat parameter vector ``(N,)``.
+            window: The contiguous range of flat indices that ``t`` replaces.
+
+        Returns:
+            A function of ``t`` (shape ``(window length,)``) giving ``{name: tensor}`` for
+            the blocks that overlap the window.
         """
         lo_w, hi_w = window.start, window.stop
         parts = [
@@ -139,7 +199,14 @@ class ParamLayout:
         return params_of
 
     def gather(self, model: nn.Module) -> Tensor:
-        """The current values of the blocks of ``model`` as a detached flat vector."""
+        """The current values of the blocks of ``model`` as a detached flat vector.
+
+        Args:
+            model: A module that has every parameter of the layout, by name.
+
+        Returns:
+            ``(N,)``, blocks in the layout's order.
+        """
         named = dict(model.named_parameters(remove_duplicate=False))
         return torch.cat([named[n].detach().reshape(-1) for n in self.names])
 
@@ -147,6 +214,12 @@ class ParamLayout:
         """Split ``(..., N, N)`` into ``d[P][Q]`` of shape ``(..., *shape(P), *shape(Q))``.
 
         This is the layout of ``torch.func.hessian`` applied to a dict of parameters.
+
+        Args:
+            matrix: A tensor whose last two dims are ``(N, N)``.
+
+        Returns:
+            ``d[P][Q]`` for every pair of parameter names, in the layout's order.
         """
         lead = matrix.shape[:-2]
         return {

@@ -37,7 +37,13 @@ Alternative = tuple[str, int | None]
 
 
 class MemoryBudgetError(MemoryError):
-    """A dense computation would need more memory than the device has; raised before allocating."""
+    """A dense computation would need more memory than the device has; raised before allocating.
+
+    The message gives the estimate (result and working set) against the free memory, and the
+    cheaper calls that would fit: the exact diagonal, ``diagonal_only=True`` in dict form,
+    fewer ``params``, a smaller ``chunk_size`` or a matrix-free operator. A subclass of
+    ``MemoryError``.
+    """
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,8 @@ def plan_chunk(
         n: Number of parameters ``N``.
         lead: Leading shape of each column's result (``(B, *O)``, ``(*O)`` or ``()``).
         output_shape: Shape of the final result.
-        dtype, device: Where the result lives.
+        dtype: The dtype of the result.
+        device: Where the result lives.
         chunk_size: The user's choice, or None for automatic.
         activations: Measures the saved-activation bytes of one evaluation; called only when
             the output itself fits, so a hopeless call fails within milliseconds.

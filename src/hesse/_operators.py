@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -74,8 +74,9 @@ def _reduction(criterion: Any, reduction: str | None) -> str:
 
 @dataclass
 class _Session:
-    """What one call of an algorithm may reuse between its products (see `Operator.session`):
-    the parameters resolved by name and their values when it began, and a kept gradient graph.
+    """What one call of an algorithm may reuse between its products (see `Operator.session`).
+
+    The parameters resolved by name and their values when it began, and a kept gradient graph.
     """
 
     params: dict[str, Tensor]
@@ -95,18 +96,25 @@ class CurvatureOperator(Operator):
     pass.
 
     Args:
-        model: The module; evaluated in eval mode, its state restored after every product.
-        criterion: A loss returning a scalar for a batch (``nn.Module`` or function).
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            state restored after every product.
+        criterion: A loss ``criterion(output, target)`` returning a scalar for a batch
+            (an ``nn.Module`` or a function).
         data: One ``(inputs, target)`` batch, or a re-iterable of them (a list, a
-            ``DataLoader``); ``inputs`` is a tensor or a tuple of tensors.
-        params: Parameter names or glob patterns; ``None`` selects every trainable parameter.
-        reduction: ``"mean"``, ``"sum"`` or ``"batchmean"``; default ``criterion.reduction``,
-            else ``"mean"``.
+            ``DataLoader``); ``inputs`` is a tensor or a tuple of tensors. It is read anew
+            by every product.
+        params: The parameters: names, glob patterns (``"encoder.*"``) or the model's
+            ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``.
+        reduction: How ``criterion`` reduces over a batch, which sets the batch weights:
+            ``"mean"`` (batch ``b`` weighted ``B_b / N_data``), ``"sum"`` (weight 1) or
+            ``"batchmean"`` (as ``"mean"``); default ``criterion.reduction``, else ``"mean"``.
         training: The curvature of the training-mode loss: modules in train mode, so BatchNorm
             normalises with the batch's statistics (its running statistics are left untouched);
             dropout stays off, since a random mask would make every product another matrix.
-        progress: Show one progress bar per call (a product, ``to_dense()``, or a whole
-            ``eigsh``), counting batches (needs ``tqdm``, the ``progress`` extra).
+        progress: Show one progress bar per call (a product, ``to_dense()``, ``diagonal()``
+            or a whole ``eigsh``, ``trace``, ...), counting batches (needs ``tqdm``, the
+            ``progress`` extra).
         check_deterministic: Read the data twice at construction and refuse data or models
             that change between passes (a shuffling ``DataLoader``, random augmentation, a
             model with randomness in eval mode): the operator would not be one matrix.
@@ -115,11 +123,29 @@ class CurvatureOperator(Operator):
             the ranks with one all-reduce; every rank gets the same result.
         distributed: ``None`` (default): data-parallel exactly when ``torch.distributed`` is
             initialised. ``False``: this process's data only, even under ``torchrun``.
+            ``True``: require an initialised process group.
 
     Attributes:
         shape: ``(N, N)``.
+        dtype: The parameters' dtype: products take and return it.
+        device: The parameters' device.
         layout: The `ParamLayout` mapping rows to parameters.
-        num_samples: Samples in the dataset (as of the latest pass over it).
+        param_names: The selected parameters' names, in row order.
+        num_samples: Samples in the dataset (over all ranks; as of the latest pass over it).
+        reduction: ``"mean"``, ``"sum"`` or ``"batchmean"``, as resolved at construction.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
+            not return a floating-point tensor, ``data`` is a one-shot iterator or not
+            ``(inputs, target)`` batches, or a flag has the wrong type.
+        ValueError: ``data`` holds no samples or batches of different structure; the loss
+            is not a scalar; ``reduction`` is not ``"mean"``, ``"sum"`` or ``"batchmean"`` or
+            contradicts ``criterion.reduction``; ``params`` names no parameter or selects
+            none; a selected parameter is NaN or infinite; ``check_deterministic=True`` and
+            two passes differ; ``process_group`` or ``distributed`` do not match the state
+            of ``torch.distributed``, or the ranks disagree on the parameters or hold no
+            samples.
+        ImportError: ``progress=True`` without ``tqdm``.
     """
 
     def __init__(
@@ -129,7 +155,7 @@ class CurvatureOperator(Operator):
         data: Any,
         params: Params = None,
         *,
-        reduction: str | None = None,
+        reduction: Literal["mean", "sum", "batchmean"] | None = None,
         training: bool = False,
         progress: bool = False,
         check_deterministic: bool = False,
@@ -190,22 +216,27 @@ class CurvatureOperator(Operator):
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(N, N)``, N the number of selected parameter entries."""
         return (self.layout.numel, self.layout.numel)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype: vectors must have it, products return it."""
         return self.layout.dtype
 
     @property
     def device(self) -> torch.device:
+        """The parameters' device: vectors must live there."""
         return self.layout.device
 
     @property
     def shard(self) -> Shard:
+        """Where the data live under ``torch.distributed`` (this process alone by default)."""
         return self._shard
 
     @property
     def param_names(self) -> tuple[str, ...]:
+        """The selected parameters' names, in the order of the rows."""
         return self.layout.names
 
     @property
@@ -224,9 +255,22 @@ class CurvatureOperator(Operator):
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        """Products inside the block may reuse work (the kept gradient graph of a one-batch
-        dataset); hesse's algorithms open one per call. Every product outside a session opens
-        its own, so it sees the model exactly as it is then."""
+        """A block within which products may reuse work; nothing may change the model meanwhile.
+
+        Inside, the parameters are looked up once, the model stays in the operator's mode
+        under ``torch.no_grad()``, and a one-batch ``HessianOperator`` keeps its gradient
+        graph, so each further single product costs one backward pass; with
+        ``progress=True`` one bar counts the batches of every product in the block. hesse's
+        algorithms open one per call. Every product outside a session opens its own, so it
+        sees the model exactly as it is then. Sessions nest: an inner one joins the outer.
+
+        Yields:
+            None; use it as ``with op.session(): ...``.
+
+        Raises:
+            ValueError: A selected parameter no longer exists, changed shape, dtype or
+                device, or is NaN or infinite.
+        """
         if self._active is not None:
             yield
             return
@@ -255,8 +299,10 @@ class CurvatureOperator(Operator):
         return tqdm(desc=type(self).__name__, unit=" batches", leave=False)
 
     def _resolve_parameters(self) -> dict[str, Tensor]:
-        """The selected parameters of the model as it is now, by name: a replaced
-        ``Parameter`` is used, a changed shape, dtype or device is refused."""
+        """The selected parameters of the model as it is now, by name.
+
+        A replaced ``Parameter`` is used; a changed shape, dtype or device is refused.
+        """
         named = dict(self.model.named_parameters(remove_duplicate=False))
         layout = self.layout
         for name, shape in zip(layout.names, layout.shapes):
@@ -286,6 +332,21 @@ class CurvatureOperator(Operator):
     # -- products ------------------------------------------------------------------------------
 
     def __matmul__(self, other: Tensor | dict[str, Tensor]) -> Any:
+        """``op @ V``: the curvature over the whole dataset applied to ``V``.
+
+        Args:
+            other: A vector ``(N,)``, a block ``(N, K)`` (all ``K`` columns in one vectorised
+                pass per batch), or a dict with one tensor per selected parameter, shaped like
+                it; in the operator's dtype, on its device.
+
+        Returns:
+            The product, in the form of ``other``: ``(N,)``, ``(N, K)`` or a dict.
+
+        Raises:
+            TypeError: ``other`` is neither a tensor nor a dict, or has another dtype.
+            ValueError: ``other`` has the wrong shape, device or dict keys; or a parameter
+                changed (see `session`), or the data hold no samples in this pass.
+        """
         with self.session():
             if isinstance(other, dict):
                 flat = self._check_dict(other)
@@ -314,14 +375,28 @@ class CurvatureOperator(Operator):
         return self._accumulate(per_batch, tangents.new_zeros(tangents.shape)).T.contiguous()
 
     def to_dense(self) -> Tensor:
-        """The ``(N, N)`` matrix, built from products with identity columns."""
+        """The ``(N, N)`` matrix, built from products with identity columns.
+
+        Returns:
+            ``(N, N)`` in the operator's dtype, on its device.
+
+        Raises:
+            MemoryBudgetError: The matrix would not fit in the device's memory (checked
+                before allocating).
+        """
         n = self.layout.numel
         with self.session():
             self._check_fits((n, n))
             return self._accumulate(self._batch_dense, self._state.theta.new_zeros(n, n))
 
     def diagonal(self) -> Tensor:
-        """The exact diagonal ``(N,)``."""
+        """The exact diagonal, without forming the matrix.
+
+        Returns:
+            ``(N,)`` in the operator's dtype, on its device. Per batch it costs N Hessian
+            columns for the Hessian, two vector-Jacobian products per output entry for the
+            GGN and one gradient per sample for the empirical Fisher.
+        """
         with self.session():
             out = self._state.theta.new_zeros(self.layout.numel)
             return self._accumulate(self._batch_diagonal, out)
@@ -464,7 +539,57 @@ class CurvatureOperator(Operator):
 class HessianOperator(CurvatureOperator):
     r"""The Hessian of the dataset loss, $\nabla^2_\theta L$.
 
-    Example:
+    $L$ is the loss over all of ``data``: the mean over samples for ``reduction="mean"``
+    (batches weighted by their size), the sum for ``"sum"``. Over a one-batch dataset the
+    gradient graph is kept within one call of an algorithm, so each further Lanczos product
+    costs one backward pass.
+
+    The constructor, products and methods are those of `CurvatureOperator`.
+
+    Args:
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            state restored after every product.
+        criterion: A loss ``criterion(output, target)`` returning a scalar for a batch
+            (an ``nn.Module`` or a function).
+        data: One ``(inputs, target)`` batch, or a re-iterable of them (a list, a
+            ``DataLoader``); ``inputs`` is a tensor or a tuple of tensors. It is read anew
+            by every product.
+        params: The parameters: names, glob patterns (``"encoder.*"``) or the model's
+            ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``.
+        reduction: How ``criterion`` reduces over a batch, which sets the batch weights:
+            ``"mean"`` (batch ``b`` weighted ``B_b / N_data``), ``"sum"`` (weight 1) or
+            ``"batchmean"`` (as ``"mean"``); default ``criterion.reduction``, else ``"mean"``.
+        training: The curvature of the training-mode loss: modules in train mode, so BatchNorm
+            normalises with the batch's statistics (its running statistics are left untouched);
+            dropout stays off, since a random mask would make every product another matrix.
+        progress: Show one progress bar per call (a product, ``to_dense()``, ``diagonal()``
+            or a whole ``eigsh``, ``trace``, ...), counting batches (needs ``tqdm``, the
+            ``progress`` extra).
+        check_deterministic: Read the data twice at construction and refuse data or models
+            that change between passes (a shuffling ``DataLoader``, random augmentation, a
+            model with randomness in eval mode): the operator would not be one matrix.
+        process_group: With ``torch.distributed`` initialised, the group whose ranks each
+            hold a shard of the data (default: the global group). Products are summed over
+            the ranks with one all-reduce; every rank gets the same result.
+        distributed: ``None`` (default): data-parallel exactly when ``torch.distributed`` is
+            initialised. ``False``: this process's data only, even under ``torchrun``.
+            ``True``: require an initialised process group.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
+            not return a floating-point tensor, ``data`` is a one-shot iterator or not
+            ``(inputs, target)`` batches, or a flag has the wrong type.
+        ValueError: ``data`` holds no samples or batches of different structure; the loss
+            is not a scalar; ``reduction`` is not ``"mean"``, ``"sum"`` or ``"batchmean"`` or
+            contradicts ``criterion.reduction``; ``params`` names no parameter or selects
+            none; a selected parameter is NaN or infinite; ``check_deterministic=True`` and
+            two passes differ; ``process_group`` or ``distributed`` do not match the state
+            of ``torch.distributed``, or the ranks disagree on the parameters or hold no
+            samples.
+        ImportError: ``progress=True`` without ``tqdm``.
+
+    Examples:
         Least squares: $\frac{1}{2}\sum_i (w \cdot x_i)^2$ has Hessian $X^\top X$,
         the same whether the data come in one batch or two:
 
@@ -576,6 +701,63 @@ class GGNOperator(CurvatureOperator):
     $J_b$ is the Jacobian of the model's outputs on batch ``b`` with respect to the
     parameters and $H_b = \nabla^2_z \ell(z, y)$ the Hessian of the batch loss in the
     outputs ``z``. Positive semi-definite for convex losses (MSE, cross-entropy).
+
+    The constructor, products and methods are those of `CurvatureOperator`.
+
+    Args:
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            state restored after every product.
+        criterion: A loss ``criterion(output, target)`` returning a scalar for a batch
+            (an ``nn.Module`` or a function).
+        data: One ``(inputs, target)`` batch, or a re-iterable of them (a list, a
+            ``DataLoader``); ``inputs`` is a tensor or a tuple of tensors. It is read anew
+            by every product.
+        params: The parameters: names, glob patterns (``"encoder.*"``) or the model's
+            ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``.
+        reduction: How ``criterion`` reduces over a batch, which sets the batch weights:
+            ``"mean"`` (batch ``b`` weighted ``B_b / N_data``), ``"sum"`` (weight 1) or
+            ``"batchmean"`` (as ``"mean"``); default ``criterion.reduction``, else ``"mean"``.
+        training: The curvature of the training-mode loss: modules in train mode, so BatchNorm
+            normalises with the batch's statistics (its running statistics are left untouched);
+            dropout stays off, since a random mask would make every product another matrix.
+        progress: Show one progress bar per call (a product, ``to_dense()``, ``diagonal()``
+            or a whole ``eigsh``, ``trace``, ...), counting batches (needs ``tqdm``, the
+            ``progress`` extra).
+        check_deterministic: Read the data twice at construction and refuse data or models
+            that change between passes (a shuffling ``DataLoader``, random augmentation, a
+            model with randomness in eval mode): the operator would not be one matrix.
+        process_group: With ``torch.distributed`` initialised, the group whose ranks each
+            hold a shard of the data (default: the global group). Products are summed over
+            the ranks with one all-reduce; every rank gets the same result.
+        distributed: ``None`` (default): data-parallel exactly when ``torch.distributed`` is
+            initialised. ``False``: this process's data only, even under ``torchrun``.
+            ``True``: require an initialised process group.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
+            not return a floating-point tensor, the model does not return one tensor (the
+            outputs ``z``), ``data`` is a one-shot iterator or not
+            ``(inputs, target)`` batches, or a flag has the wrong type.
+        ValueError: ``data`` holds no samples or batches of different structure; the loss
+            is not a scalar; ``reduction`` is not ``"mean"``, ``"sum"`` or ``"batchmean"`` or
+            contradicts ``criterion.reduction``; ``params`` names no parameter or selects
+            none; a selected parameter is NaN or infinite; ``check_deterministic=True`` and
+            two passes differ; ``process_group`` or ``distributed`` do not match the state
+            of ``torch.distributed``, or the ranks disagree on the parameters or hold no
+            samples.
+        ImportError: ``progress=True`` without ``tqdm``.
+
+    Examples:
+        For a linear model $z = Xw$ and $\frac{1}{2}\lVert z\rVert^2$, $J = X$ and
+        $H = I$: the GGN is $X^\top X$, as is the Hessian:
+
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> X, y = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(2, 1)
+        >>> loss = lambda out, t: 0.5 * (out - t).pow(2).sum()
+        >>> GGNOperator(model, loss, (X, y), reduction="sum").to_dense()
+        tensor([[10., 14.],
+                [14., 20.]])
     """
 
     def _check_batch(self, batch: Batch) -> None:
@@ -626,8 +808,11 @@ class GGNOperator(CurvatureOperator):
         return theta, z, zd, gz, u, jt_u
 
     def _looped_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
-        """``Jᵀ H J v`` by plain autograd, one column at a time (``J v`` as the VJP of the
-        linear map ``u ↦ Jᵀu``): for models torch.func cannot transform."""
+        """``Jᵀ H J v`` by plain autograd, one column at a time.
+
+        ``J v`` is the VJP of the linear map ``u ↦ Jᵀu``: for models torch.func cannot
+        transform.
+        """
         theta, z, zd, gz, u, jt_u = self._autograd(batch)
         with torch.enable_grad():
             rows = []
@@ -702,6 +887,64 @@ class EmpiricalFisherOperator(CurvatureOperator):
     gradients; it is what ``torch.func`` per-sample gradients give. Per-sample gradients need
     samples that do not influence each other, so ``training=True`` (batch statistics) and
     models that couple the samples of a batch are refused.
+
+    The constructor, products and methods are those of `CurvatureOperator`.
+
+    Args:
+        model: The module; evaluated in eval mode (train mode with ``training=True``), its
+            state restored after every product.
+        criterion: A loss ``criterion(output, target)`` returning a scalar for a batch
+            (an ``nn.Module`` or a function).
+        data: One ``(inputs, target)`` batch, or a re-iterable of them (a list, a
+            ``DataLoader``); ``inputs`` is a tensor or a tuple of tensors. It is read anew
+            by every product.
+        params: The parameters: names, glob patterns (``"encoder.*"``) or the model's
+            ``nn.Parameter`` objects, one or a list (``list(model[2].parameters())``);
+            ``None`` selects every parameter with ``requires_grad=True``.
+        reduction: How ``criterion`` reduces over a batch, which sets the batch weights:
+            ``"mean"`` (batch ``b`` weighted ``B_b / N_data``), ``"sum"`` (weight 1) or
+            ``"batchmean"`` (as ``"mean"``); default ``criterion.reduction``, else ``"mean"``.
+        training: Must be ``False``: each sample is evaluated alone, where batch statistics
+            mean nothing.
+        progress: Show one progress bar per call (a product, ``to_dense()``, ``diagonal()``
+            or a whole ``eigsh``, ``trace``, ...), counting batches (needs ``tqdm``, the
+            ``progress`` extra).
+        check_deterministic: Read the data twice at construction and refuse data or models
+            that change between passes (a shuffling ``DataLoader``, random augmentation, a
+            model with randomness in eval mode): the operator would not be one matrix.
+        process_group: With ``torch.distributed`` initialised, the group whose ranks each
+            hold a shard of the data (default: the global group). Products are summed over
+            the ranks with one all-reduce; every rank gets the same result.
+        distributed: ``None`` (default): data-parallel exactly when ``torch.distributed`` is
+            initialised. ``False``: this process's data only, even under ``torchrun``.
+            ``True``: require an initialised process group.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
+            not return a floating-point tensor, ``data`` is a one-shot iterator or not
+            ``(inputs, target)`` batches, or a flag has the wrong type.
+        ValueError: ``training=True``; the model couples the samples of a batch; ``data``
+            holds no samples or batches of different structure; the loss is not a scalar;
+            ``reduction`` is not ``"mean"``, ``"sum"`` or ``"batchmean"`` or contradicts
+            ``criterion.reduction``; ``params`` names no parameter or selects none; a
+            selected parameter is NaN or infinite; ``check_deterministic=True`` and two
+            passes differ; ``process_group`` or ``distributed`` do not match the state of
+            ``torch.distributed``, or the ranks disagree on the parameters or hold no
+            samples.
+        ImportError: ``progress=True`` without ``tqdm``.
+
+    Examples:
+        For $\ell_i = \frac{1}{2}(w \cdot x_i)^2$ at $w = (1, 0)$, $g_i = (w \cdot x_i)\, x_i$:
+
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        >>> X, y = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(2, 1)
+        >>> loss = lambda out, t: 0.5 * (out - t).pow(2).sum()
+        >>> F = EmpiricalFisherOperator(model, loss, (X, y), reduction="sum")
+        >>> F.to_dense()  # g_1 = (1, 2), g_2 = 3 (3, 4): g_1 g_1ᵀ + g_2 g_2ᵀ
+        tensor([[ 82., 110.],
+                [110., 148.]])
     """
 
     def _check_training(self) -> None:
@@ -776,9 +1019,12 @@ class EmpiricalFisherOperator(CurvatureOperator):
         return self._scale(batch) * products(tangents)
 
     def _products_through_losses(self, batch: Batch, tangents: Tensor) -> Tensor:
-        """``Σ_i g_i (g_iᵀ v)`` without the ``(B, N)`` gradients: ``gᵢᵀ v`` for every sample
-        is one Jacobian-vector product of the per-sample loss vector ``ℓ(θ)`` and the sum one
-        vector-Jacobian product, ``J_ℓᵀ (J_ℓ v)``; cheaper for a few columns."""
+        """``Σ_i g_i (g_iᵀ v)`` without the ``(B, N)`` gradients.
+
+        ``gᵢᵀ v`` for every sample is one Jacobian-vector product of the per-sample loss
+        vector ``ℓ(θ)`` and the sum one vector-Jacobian product, ``J_ℓᵀ (J_ℓ v)``; cheaper
+        for a few columns.
+        """
         g = sample_loss_function(self.model, self.layout.unflatten, self.criterion)
         dims = (None, 0, *(0,) * len(batch.inputs))
 
@@ -816,10 +1062,27 @@ def hvp(
         target: Passed to ``criterion`` as its second argument (``None`` allowed).
         vector: A flat ``(N,)`` tensor, an ``(N, K)`` matrix (K products, vectorised), or a
             dict of tensors keyed by parameter name; the result has the same form.
-        params: Parameter names or glob patterns; ``None`` selects every trainable parameter.
-        training: The Hessian of the training-mode loss (see `HessianOperator`).
+        params: The parameters: names, glob patterns (``"encoder.*"``) or the model's
+            ``nn.Parameter`` objects, one or a list; ``None`` selects every parameter with
+            ``requires_grad=True``.
+        training: The Hessian of the training-mode loss: BatchNorm normalises with the
+            batch's statistics (its running statistics untouched); dropout stays off.
 
-    Example:
+    Returns:
+        The product in the form of ``vector``: ``(N,)``, ``(N, K)`` or a dict keyed by
+        parameter name, on the parameters' dtype and device.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
+            not return a floating-point tensor, ``inputs`` are not tensors, or ``vector`` is
+            neither a tensor nor a dict or has another dtype.
+        ValueError: ``vector`` has the wrong shape, device or dict keys; the batch is empty;
+            the loss is not a scalar; ``params`` names no parameter or selects none; a
+            selected parameter is NaN or infinite.
+
+    Examples:
+        $\ell = \sum_i (w \cdot x_i)^2$ has Hessian $2X^\top X$:
+
         >>> model = torch.nn.Linear(2, 1, bias=False)
         >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
         >>> hvp(model, lambda out, t: out.pow(2).sum(), X, torch.zeros(2, 1),

@@ -29,18 +29,61 @@ __all__ = ["Operator", "SymmetricOperator"]
 
 @runtime_checkable
 class SymmetricOperator(Protocol):
-    """A symmetric ``N x N`` matrix known through its products."""
+    """A symmetric ``N x N`` matrix known through its products: what the spectral tools take.
+
+    `eigsh`, `sharpness`, `trace`, `diagonal` and `spectral_density` accept a dense symmetric
+    tensor or any object with these four members: hesse's operators and their sums, curvlinops'
+    operators, or a class of your own. Nothing needs to inherit from this class. Optional
+    extras are used when present: ``to_dense()`` (the dense solve of a small ``eigsh``, exact
+    budgets) and ``diagonal()`` (``diagonal(A, method="exact")``, exact budgets); without them
+    hesse forms ``A @ I``.
+
+    ``isinstance(obj, hesse.SymmetricOperator)`` checks only that the members exist. Neither
+    it nor the spectral tools check an operator's symmetry (that would cost products); a
+    dense tensor's is checked.
+
+    Attributes:
+        shape: ``(N, N)``.
+        dtype: The dtype of products; half precision is accepted, and the spectral tools then
+            compute their small dense algebra in float32.
+        device: Where products live; the tools' vectors are made there.
+
+    Examples:
+        A class of your own, here $A = 2I$ of size 3:
+
+        >>> class TwiceIdentity:
+        ...     shape, dtype, device = (3, 3), torch.float64, torch.device("cpu")
+        ...     def __matmul__(self, V):  # (N,) -> (N,) and (N, K) -> (N, K)
+        ...         return 2 * V
+        >>> isinstance(TwiceIdentity(), SymmetricOperator)
+        True
+        >>> from hesse import trace
+        >>> float(trace(TwiceIdentity(), num_matvecs=3).estimate)  # 3 products reach N = 3
+        6.0
+    """
 
     @property
-    def shape(self) -> tuple[int, ...]: ...
+    def shape(self) -> tuple[int, ...]:
+        """``(N, N)``."""
+        ...
 
     @property
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """The dtype of products."""
+        ...
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """The device of products."""
+        ...
 
-    def __matmul__(self, other: Tensor, /) -> Any: ...
+    def __matmul__(self, other: Tensor, /) -> Any:
+        """``A @ V``: ``(N,) -> (N,)`` and ``(N, K) -> (N, K)``, in ``dtype`` on ``device``.
+
+        hesse's spectral tools always pass a block ``(N, K)`` (``K = 1`` for one Lanczos
+        step); the vector form is for users and for sums of operators.
+        """
+        ...
 
 
 class Operator(ABC):
@@ -71,7 +114,11 @@ class Operator(ABC):
         return nullcontext()
 
     def to_dense(self) -> Tensor:
-        """The ``(N, N)`` matrix, from products with the identity's columns."""
+        """The ``(N, N)`` matrix, from products with the identity's columns.
+
+        Returns:
+            ``(N, N)`` in the operator's dtype, on its device.
+        """
         n = self.shape[0]
         return self @ torch.eye(n, dtype=self.dtype, device=self.device)
 
@@ -81,6 +128,14 @@ class Operator(ABC):
         SciPy is an optional extra (``pip install hesse[scipy]``). When SciPy's OpenBLAS and
         torch both use threads inside ARPACK they slow each other down; set
         ``OPENBLAS_NUM_THREADS=1`` before importing NumPy for ``eigsh`` on large operators.
+
+        Returns:
+            A ``LinearOperator`` of shape ``(N, N)`` whose ``matvec``, ``matmat`` (and, the
+            operator being symmetric, ``rmatvec`` and ``rmatmat``) are products with this
+            operator; every call converts to and from torch on the operator's device.
+
+        Raises:
+            ImportError: SciPy is not installed.
         """
         try:
             from scipy.sparse.linalg import LinearOperator

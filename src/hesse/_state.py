@@ -85,9 +85,12 @@ def model_state(model: nn.Module, *, training: bool = False) -> Iterator[None]:
 
 @contextmanager
 def model_scope(model: nn.Module, *, training: bool = False) -> Iterator[None]:
-    """Where hesse evaluates a model: its state restored afterwards, no autograd recording
-    unless a path asks for it, and outside ``torch.inference_mode`` (whose tensors cannot take
-    part in the derivatives hesse computes)."""
+    """Where hesse evaluates a model.
+
+    Its state is restored afterwards, nothing is recorded by autograd unless a path asks for
+    it, and ``torch.inference_mode`` is off (its tensors cannot take part in the derivatives
+    hesse computes).
+    """
     load_forward_ad()  # before any jvp: torch's own loading would warn at the user
     with torch.inference_mode(False), model_state(model, training=training), torch.no_grad():
         yield

@@ -53,7 +53,14 @@ ColumnFn = Callable[[Tensor], Tensor]
 
 
 class PerformanceWarning(UserWarning):
-    """hesse fell back to a correct but slower computation path."""
+    """hesse fell back to a correct but slower computation path.
+
+    Issued when ``torch.func.vmap`` cannot batch the model (``.item()`` on inputs,
+    ``nn.LSTM`` over samples, an ``autograd.Function`` without ``setup_context``) and a loop
+    computes the same result: once per call of a dense function, once per kind of product for
+    an operator. The message names the reason and the path taken. Silence it with
+    ``warnings.filterwarnings("ignore", category=hesse.PerformanceWarning)``.
+    """
 
 
 def _contract(jacobian: Tensor, v: Tensor) -> Tensor:

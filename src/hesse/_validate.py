@@ -70,8 +70,11 @@ def normalize_inputs(inputs: Any) -> tuple[Tensor, ...]:
 
 
 def normal_tensor(x: Any) -> Any:
-    """``x``, or a normal copy of a tensor made under ``torch.inference_mode`` (such tensors
-    cannot be saved for the backward passes hesse runs). Call outside inference mode."""
+    """``x``, or a normal copy of a tensor made under ``torch.inference_mode``.
+
+    Such tensors cannot be saved for the backward passes hesse runs. Call outside inference
+    mode.
+    """
     if isinstance(x, Tensor) and x.is_inference():
         return x.clone()
     return x

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -412,7 +412,11 @@ def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Drawing]]
             f"{HEATMAP_LIMIT}: the analyses below use it)"
         )
 
-    for key, k, which in (("top", request.top_k, "LA"), ("bottom", request.bottom_k, "SA")):
+    searches: tuple[tuple[str, int, Literal["LA", "SA"]], ...] = (
+        ("top", request.top_k, "LA"),
+        ("bottom", request.bottom_k, "SA"),
+    )
+    for key, k, which in searches:
         if not k:
             continue
         title = f"{key}-{k} eigenvalues"
