@@ -166,6 +166,21 @@ def curvlinops_matvec(
     return lambda: op @ v
 
 
+def block(kind: str, peer: bool, widths: list[int], batch: int, k: int) -> Callable[[], Any]:
+    """``op @ V`` with ``k`` columns: hesse's Hessian or GGN operator, or curvlinops'."""
+    model, crit, data = problem(widths, batch)
+    v = _vectors(model, k)
+    if peer:
+        import curvlinops
+
+        cls = {"hessian": curvlinops.HessianLinearOperator, "ggn": curvlinops.GGNLinearOperator}
+        params = list(model.parameters())
+        op = cls[kind](model, crit, params, data, check_deterministic=False)
+        return synced(lambda: op @ v)
+    ours = {"hessian": hesse.HessianOperator, "ggn": hesse.GGNOperator}[kind](model, crit, data)
+    return synced(lambda: ours @ v)
+
+
 def eigenthings_matvec(widths: list[int], batch: int, batches: int = 1) -> Callable[[], Any]:
     import hessian_eigenthings as he
 
@@ -201,6 +216,10 @@ SPECS: dict[str, Callable[[], Callable[[], Any]]] = {
     "k32small/func_singles": lambda: func_singles(SMALL, 64, K),
     "k32x2/hesse_matmat": lambda: hesse_matmat(MAIN, 256, K, batches=2),
     "k32x2/hesse_singles": lambda: hesse_singles(MAIN, 256, K, batches=2),
+    "peer32/hesse_hessian": lambda: block("hessian", False, MAIN, 512, K),
+    "peer32/curvlinops_hessian": lambda: block("hessian", True, MAIN, 512, K),
+    "peer32/hesse_ggn": lambda: block("ggn", False, MAIN, 512, K),
+    "peer32/curvlinops_ggn": lambda: block("ggn", True, MAIN, 512, K),
     "hvp/hesse": lambda: hesse_matmat(MAIN, 512, 1),
     "hvp/hesse_repeated": lambda: hesse_repeated(MAIN, 512),
     "hvp/curvlinops": lambda: curvlinops_matvec(MAIN, 512),
@@ -224,6 +243,12 @@ GROUPS = {
     "k32": ["k32/hesse_matmat", "k32/hesse_singles", "k32/func_singles", "k32/gradient"],
     "k32small": ["k32small/hesse_matmat", "k32small/hesse_singles", "k32small/func_singles"],
     "k32x2": ["k32x2/hesse_matmat", "k32x2/hesse_singles"],
+    "peer32": [
+        "peer32/hesse_hessian",
+        "peer32/curvlinops_hessian",
+        "peer32/hesse_ggn",
+        "peer32/curvlinops_ggn",
+    ],
     "hvp": ["hvp/hesse", "hvp/hesse_repeated", "hvp/curvlinops", "hvp/eigenthings"],
     "hvp2": ["hvp2/hesse", "hvp2/curvlinops", "hvp2/eigenthings"],
     "dense": ["dense/to_dense", "dense/loss_hessian_matrix"],
@@ -274,6 +299,15 @@ def report(results: dict[str, dict[str, Any]], rounds: int) -> str:
         f"| 32 single products by hand with torch.func, same | "
         f"{seconds(results, 'k32small/func_singles', 'ms')} | "
         f"{ratio(results, 'k32small/func_singles', 'k32small/hesse_matmat')} slower |",
+        f"| `op @ V`, K = 32, Hessian, hesse | {seconds(results, 'peer32/hesse_hessian', 'ms')} "
+        "| 1.00× |",
+        f"| `H @ V`, K = 32, curvlinops `HessianLinearOperator` | "
+        f"{seconds(results, 'peer32/curvlinops_hessian', 'ms')} | "
+        f"{ratio(results, 'peer32/curvlinops_hessian', 'peer32/hesse_hessian')} of hesse's time |",
+        f"| `op @ V`, K = 32, GGN, hesse | {seconds(results, 'peer32/hesse_ggn', 'ms')} | 1.00× |",
+        f"| `G @ V`, K = 32, curvlinops `GGNLinearOperator` | "
+        f"{seconds(results, 'peer32/curvlinops_ggn', 'ms')} | "
+        f"{ratio(results, 'peer32/curvlinops_ggn', 'peer32/hesse_ggn')} of hesse's time |",
         f"| one product, hesse (`op @ v` on its own: forward, gradient, second backward) | "
         f"{seconds(results, 'hvp/hesse', 'ms')} | 1.00× |",
         f"| {REPEATS} products in one session (as within one `eigsh` call), hesse | "
@@ -347,7 +381,9 @@ def main() -> None:
     if args.device != "cpu" and not args.only:
         parser.error("--device other than cpu needs --only (the docs tables are CPU runs)")
     results: dict[str, dict[str, Any]] = {}
-    groups = ["quick"] if args.quick else ["k32", "k32x2", "k32small", "hvp", "hvp2", "dense"]
+    groups = (
+        ["quick"] if args.quick else ["k32", "peer32", "k32x2", "k32small", "hvp", "hvp2", "dense"]
+    )
     if args.only:
         groups, args.quick = [args.only], True
     for group in groups:

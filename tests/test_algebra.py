@@ -150,3 +150,31 @@ def check(name: str, a: object, hd: Tensor, exact: Tensor) -> None:
         assert_close(hesse.diagonal(a, num_matvecs=60), hd.diagonal(), rtol=1e-8)
         density = hesse.spectral_density(a, num_probes=8, lanczos_steps=8)
         assert_close(density.nodes[0], exact, rtol=1e-8)
+
+
+def test_params_accepts_parameter_objects_like_names() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    model[2].bias.requires_grad_(False)  # frozen, but passed as an object: asked for
+    x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, 2, dtype=F64)
+    by_name = hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y, params=["2.weight", "2.bias"])
+    by_object = hesse.loss_hessian_matrix(
+        model, nn.MSELoss(), x, y, params=list(model[2].parameters())
+    )
+    assert_close(by_object, by_name)
+    mixed = hesse.HessianOperator(model, nn.MSELoss(), (x, y), params=[model[0].weight, "2.*"])
+    assert mixed.param_names == ("0.weight", "2.weight")  # a pattern skips the frozen bias
+
+
+def test_loss_sharpness_is_matrix_free_beyond_256_parameters() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 3)).to(F64)  # N = 387
+    x, y = torch.randn(40, 20, dtype=F64), torch.randint(0, 3, (40,))
+    crit = nn.CrossEntropyLoss()
+    dense = hesse.HessianOperator(model, crit, (x, y)).to_dense()
+    exact = float(torch.linalg.eigvalsh(dense).abs().max())
+    state = torch.get_rng_state()
+    value = hesse.loss_sharpness(model, crit, x, y)
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
+    assert math.isclose(float(value), exact, rel_tol=1e-9)
+    assert value.dtype == F64 and value.shape == ()
