@@ -178,3 +178,15 @@ def test_loss_sharpness_is_matrix_free_beyond_256_parameters() -> None:
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
     assert math.isclose(float(value), exact, rel_tol=1e-9)
     assert value.dtype == F64 and value.shape == ()
+
+
+def test_block_products_choose_a_path_and_both_paths_agree() -> None:
+    h, g, hd, gd = _problem()
+    v = torch.randn(h.shape[0], 5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    for op, dense in ((h, hd), (g, gd)):
+        for _ in range(3):
+            assert_close(op @ v, dense @ v)
+        assert op._block_path in ("block", "singles")  # measured on the first two blocks
+        for path in ("block", "singles"):
+            op._block_path = path
+            assert_close(op @ v, dense @ v)
