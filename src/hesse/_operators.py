@@ -841,6 +841,25 @@ class GGNOperator(CurvatureOperator):
                 (jt_u,) = torch.autograd.grad(z, theta, u, create_graph=True)
         return theta, z, zd, gz, u, jt_u
 
+    def _batch_product(self, batch: Batch, v: Tensor) -> Tensor:
+        # One product, as Lanczos asks for: plain autograd through the graph of the outputs
+        # and of u ↦ Jᵀu, kept for the rest of the session over a one-batch dataset (as the
+        # Hessian keeps its gradient graph), so a repeated product runs no forward pass.
+        session = self._state
+        tensors = batch.tensors()
+        key = tuple((id(t), t._version) for t in tensors)
+        keep = self.data.num_batches == 1
+        if keep and session.graph is not None and session.graph[0] == key:
+            graph = session.graph[2]
+        else:
+            session.graph = None
+            graph = self._autograd(batch)
+            if keep:
+                session.graph = (key, tensors, graph)
+        theta, z, zd, gz, u, jt_u = graph
+        with torch.enable_grad():
+            return _autograd_grad(z, theta, _autograd_grad(gz, zd, _autograd_grad(jt_u, u, v)))
+
     def _looped_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
         """``Jᵀ H J v`` by plain autograd, one column at a time.
 
