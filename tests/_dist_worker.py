@@ -58,6 +58,10 @@ def run(rank: int) -> dict[str, Any]:
     out["eigsh"] = hesse.eigsh(h, k=2, which="LA").eigenvalues  # seed=None: rank 0's seed
     t = hesse.trace(h, 30, method="hutch++")
     out["trace"] = (t.estimate, t.stderr)
+    # The block path is chosen by timing once both blocks above ran: the ranks, whose shards
+    # differ, must agree on it (their collectives must match), and products stay right.
+    out["block_path"] = h._block_path
+    out["matmat_after"] = h @ v
     out["ggn"] = hesse.GGNOperator(model, ce, data) @ v
     out["fisher"] = hesse.EmpiricalFisherOperator(model, ce, data) @ v
     out["local"] = hesse.HessianOperator(model, ce, data, distributed=False).num_samples

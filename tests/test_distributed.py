@@ -41,6 +41,8 @@ def test_every_rank_gets_the_single_process_result(ranks: list[dict[str, Any]], 
     for r in ranks:
         assert r["num_samples"] == 16
         assert_close(r["matmat"], dense @ v)
+        assert_close(r["matmat_after"], dense @ v)
+        assert r["block_path"] == ranks[0]["block_path"] in ("block", "singles")
         assert_close(r["matvec"], dense @ v[:, 0])
         assert_close(r["dense"], dense)
         assert_close(r["diagonal"], dense.diagonal())

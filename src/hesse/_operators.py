@@ -387,8 +387,11 @@ class CurvatureOperator(Operator):
                 start = time.perf_counter()
                 self._columns(column)
                 singles.append(time.perf_counter() - start)
-            faster = min(singles[1:]) < 0.8 * min(self._block_times)
-            self._block_path = "singles" if faster else "block"
+            # Every rank must take the same path (their collectives must match): decide on
+            # the times summed over the ranks.
+            times = torch.tensor([min(singles[1:]), min(self._block_times)], dtype=torch.float64)
+            single, block = self.shard.all_reduce(times).tolist()
+            self._block_path = "singles" if single < 0.8 * block else "block"
         return out
 
     def _columns(self, matrix: Tensor) -> Tensor:
