@@ -82,7 +82,7 @@ class _Session:
 
     params: dict[str, Tensor]
     theta: Tensor
-    graph: tuple[Any, ...] | None = None  # (key, batch tensors, leaves, gradients)
+    graph: tuple[Any, ...] | None = None  # (key, batch tensors, graph): see `_kept`
     bar: Any = None  # the call's progress bar (tqdm), with progress=True
 
 
@@ -327,6 +327,25 @@ class CurvatureOperator(Operator):
     def _state(self) -> _Session:
         assert self._active is not None, "inside a session only"
         return self._active
+
+    def _kept(self, batch: Batch, build: Callable[[], Any]) -> tuple[Any, bool]:
+        """``build()``'s graph for ``batch`` and whether it is kept for the session.
+
+        Over a one-batch dataset it is kept, so a repeated product replays it. The key is the
+        batch tensors' identity and version; the entry holds the tensors, so their identities
+        cannot be reused by others while it lives.
+        """
+        session = self._state
+        tensors = batch.tensors()
+        key = tuple((id(t), t._version) for t in tensors)
+        keep = self.data.num_batches == 1
+        if keep and session.graph is not None and session.graph[0] == key:
+            return session.graph[2], True
+        session.graph = None
+        graph = build()
+        if keep:
+            session.graph = (key, tensors, graph)
+        return graph, keep
 
     def _policy(self, kind: str) -> Fallbacks:
         """The fallback policy of one kind of computation (`hesse._transforms.Fallbacks`)."""
@@ -679,28 +698,24 @@ class HessianOperator(CurvatureOperator):
         )
 
     def _gradient_graph(self, batch: Batch) -> tuple[list[Tensor], Sequence[Tensor | None], bool]:
-        """Leaves for the selected parameters and the loss gradient, with its graph.
+        """Leaves for the selected parameters, the loss gradient with its graph, and kept-ness.
 
-        The leaves are detached views of the parameters (their hooks, ``requires_grad`` flags
-        and ``.grad`` stay the user's). Over a one-batch dataset the graph is kept for the rest
-        of the session (one call of an algorithm), so that a repeated product costs one
-        backward pass; it holds the batch tensors, so their identity cannot be reused by others.
+        The graph is kept within the session (`_kept`). The leaves are detached views of the
+        parameters (their hooks, ``requires_grad`` flags and ``.grad`` stay the user's), so a
+        repeated product costs one backward pass.
         """
-        session = self._state
-        tensors = batch.tensors()
-        key = tuple((id(t), t._version) for t in tensors)
-        keep = self.data.num_batches == 1
-        if keep and session.graph is not None and session.graph[0] == key:
-            return session.graph[2], session.graph[3], True
-        session.graph = None
-        leaves = [session.params[n].detach().requires_grad_() for n in self.layout.names]
-        with torch.enable_grad():
-            params = dict(zip(self.layout.names, leaves))
-            value = loss(self.criterion, self.model, params, batch.inputs, batch.target)
-            grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
-        if keep:
-            session.graph = (key, tensors, leaves, grads)
-        return leaves, grads, keep
+
+        def build() -> tuple[list[Tensor], Sequence[Tensor | None]]:
+            names = self.layout.names
+            leaves = [self._state.params[n].detach().requires_grad_() for n in names]
+            with torch.enable_grad():
+                params = dict(zip(names, leaves))
+                value = loss(self.criterion, self.model, params, batch.inputs, batch.target)
+                grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+            return leaves, grads
+
+        (leaves, grads), kept = self._kept(batch, build)
+        return leaves, grads, kept
 
     def _batch_dense(self, batch: Batch) -> Tensor:
         what = f"{type(self).__name__}.to_dense"
@@ -848,18 +863,7 @@ class GGNOperator(CurvatureOperator):
         # One product, as Lanczos asks for: plain autograd through the graph of the outputs
         # and of u ↦ Jᵀu, kept for the rest of the session over a one-batch dataset (as the
         # Hessian keeps its gradient graph), so a repeated product runs no forward pass.
-        session = self._state
-        tensors = batch.tensors()
-        key = tuple((id(t), t._version) for t in tensors)
-        keep = self.data.num_batches == 1
-        if keep and session.graph is not None and session.graph[0] == key:
-            graph = session.graph[2]
-        else:
-            session.graph = None
-            graph = self._autograd(batch)
-            if keep:
-                session.graph = (key, tensors, graph)
-        theta, z, zd, gz, u, jt_u = graph
+        (theta, z, zd, gz, u, jt_u), _ = self._kept(batch, lambda: self._autograd(batch))
         with torch.enable_grad():
             return _autograd_grad(z, theta, _autograd_grad(gz, zd, _autograd_grad(jt_u, u, v)))
 
