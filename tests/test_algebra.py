@@ -176,7 +176,7 @@ def test_loss_sharpness_is_matrix_free_beyond_256_parameters() -> None:
     state = torch.get_rng_state()
     value = hesse.loss_sharpness(model, crit, x, y)
     assert torch.equal(torch.get_rng_state(), state)  # the global generator is left alone
-    assert math.isclose(float(value), exact, rel_tol=1e-9)
+    assert math.isclose(float(value), exact, rel_tol=1e-7)  # eigsh stops at 1.5e-8 by default
     assert value.dtype == F64 and value.shape == ()
 
 

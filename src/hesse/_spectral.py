@@ -153,7 +153,8 @@ class EigenResult:
             them (for ``which="LA"`` the largest is last).
         eigenvectors: ``(N, k)``, orthonormal columns, column ``i`` for ``eigenvalues[i]``.
         residuals: ``(k,)``, ``‖A v − λ v‖`` of each pair.
-        converged: ``(k,)`` bools, residual within the tolerance.
+        converged: ``(k,)`` bools: the pair met the stopping rule (the eigenvalue error
+            bound by default, the residual for an explicit ``tol``).
         num_matvecs: Products with ``A`` used (0 for a dense input solved directly).
     """
 
@@ -184,18 +185,27 @@ def _order(values: Tensor, which: str) -> Tensor:
 
 
 def _ritz(
-    projection: Tensor, r: Tensor, k: int, which: str, tol: float
+    projection: Tensor, r: Tensor, k: int, which: str, tol: float, *, values_only: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Ritz values and vectors (in the basis) of ``projection``, ordered by ``which``.
+    r"""Ritz values and vectors (in the basis) of ``projection``, ordered by ``which``.
 
-    With residual norms ``‖r‖·|s_last|`` and convergence flags.
+    With residual norms $\rho = \|r\|\,|s_\text{last}|$ and convergence flags: the residual
+    within ``tol`` relative to the largest Ritz value, or with ``values_only`` the eigenvalue
+    error bound $\min(\rho, \rho^2/\delta)$ (Kato-Temple, $\delta$ the distance to the
+    nearest other Ritz value) within it.
     """
     theta, s = torch.linalg.eigh((projection + projection.T) / 2)
     idx = _order(theta, which)
     theta, s = theta[idx], s[:, idx]
     residuals = torch.linalg.vector_norm(r) * s[-1, :k].abs()
     scale = theta.abs().max().clamp_min(torch.finfo(theta.dtype).tiny)
-    return theta, s, residuals, residuals <= tol * scale
+    if not values_only:
+        return theta, s, residuals, residuals <= tol * scale
+    distance = (theta[:k, None] - theta[None, :]).abs()
+    distance[torch.arange(k), torch.arange(k)] = torch.inf
+    gap = distance.min(dim=1).values.clamp_min(torch.finfo(theta.dtype).tiny)
+    bound = torch.minimum(residuals, residuals**2 / gap)
+    return theta, s, residuals, bound <= tol * scale
 
 
 def eigsh(
@@ -213,10 +223,18 @@ def eigsh(
 
     Thick-restart Lanczos with full reorthogonalisation: the basis grows one product at a time,
     Ritz pairs come from the exact projection $Q^\top A Q$, and a restart keeps the
-    wanted Ritz vectors and continues from the residual. A pair is converged when
-    $\|Av - \lambda v\| \le \mathrm{tol} \cdot \max|\lambda|$; the eigenvalue error is
-    then about the square of that. Small matrices (N <= 256) are solved densely with
-    ``torch.linalg.eigh`` (an operator through its ``to_dense()``, or ``A @ I``).
+    wanted Ritz vectors and continues from the residual. Small matrices (N <= 256) are solved
+    densely with ``torch.linalg.eigh`` (an operator through its ``to_dense()``, or ``A @ I``).
+
+    When to stop: by default when every wanted eigenvalue is accurate to
+    $\sqrt{\varepsilon}\,\max|\lambda|$ ($\varepsilon$ the dtype's machine epsilon), by the
+    bound $|\lambda - \theta| \le \min(\rho, \rho^2/\delta)$ on a Ritz value $\theta$ with
+    residual $\rho = \|Av - \theta v\|$ and distance $\delta$ to the nearest other Ritz value
+    (Kato-Temple). The eigenvalue error falls with the square of the residual, so this stops
+    well before the residual is that small; the eigenvectors are then accurate to about
+    $\rho/\delta$. An explicit ``tol`` stops on the residual instead:
+    $\|Av - \theta v\| \le \mathrm{tol} \cdot \max|\theta|$, for eigenvectors to a known
+    accuracy.
 
     The result follows ``torch.linalg.eigh`` and SciPy's ``eigsh``: eigenvalues in ascending
     order (for ``which="LA"`` the largest is last) and unpacking as
@@ -229,9 +247,10 @@ def eigsh(
         k: Number of eigenpairs, ``1 <= k < N``.
         which: ``"LA"`` the largest algebraic eigenvalues, ``"SA"`` the smallest algebraic,
             ``"LM"`` the largest in magnitude (either end).
-        tol: Relative residual tolerance; default the square root of the dtype's machine
-            epsilon (1.5e-8 in float64, 3.5e-4 in float32), which puts the eigenvalue error
-            near machine precision.
+        tol: Relative residual tolerance, $\|Av - \theta v\| \le \mathrm{tol} \cdot
+            \max|\theta|$. Default ``None``: stop when the eigenvalues are accurate to the
+            square root of the dtype's machine epsilon, relative to the largest (1.5e-8 in
+            float64, 3.5e-4 in float32), by the bound above.
         max_iter: Restarts at most; a pair not converged by then is returned with
             ``converged`` false.
         max_basis: Basis size before a restart (default ``max(2k + 20, 40)``, capped at N).
@@ -275,6 +294,7 @@ def eigsh(
     lin = _linear(A)
     n = lin.n
     tol = check_tolerance(tol)
+    values_only = tol is None  # the default stops on the eigenvalues' accuracy
     if tol is None:
         tol = torch.finfo(lin.dtype).eps ** 0.5
     if which not in _WHICH:
@@ -291,7 +311,16 @@ def eigsh(
     start = None if v0 is None else _start_vector(v0, lin)
     with lin.session():
         result = _eigsh(
-            lin, k, which, tol, max_iter, max_basis, seed, start, dense=isinstance(A, Tensor)
+            lin,
+            k,
+            which,
+            tol,
+            max_iter,
+            max_basis,
+            seed,
+            start,
+            dense=isinstance(A, Tensor),
+            values_only=values_only,
         )
     return result._ascending()
 
@@ -318,6 +347,7 @@ def _eigsh(
     start: Tensor | None,
     *,
     dense: bool,
+    values_only: bool = False,
 ) -> EigenResult:
     n = lin.n
     if n <= DENSE_LIMIT:
@@ -377,10 +407,14 @@ def _eigsh(
             r = w
             size += 1
             if size >= min_size and size < m:
-                theta, s_, estimates, converged = _ritz(projection[:size, :size], r, k, which, tol)
+                theta, s_, estimates, converged = _ritz(
+                    projection[:size, :size], r, k, which, tol, values_only=values_only
+                )
                 if bool(converged.all()):
                     break
-        theta, s_, estimates, converged = _ritz(projection[:size, :size], r, k, which, tol)
+        theta, s_, estimates, converged = _ritz(
+            projection[:size, :size], r, k, which, tol, values_only=values_only
+        )
         if bool(converged.all()) or restart == max_iter:
             break
         # Thick restart: keep the wanted Ritz vectors (and a few more); r continues the basis.
