@@ -19,11 +19,13 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from hesse._functional import (
+    loss,
     loss_function,
     model_function,
     sample_loss_function,
     sample_model_function,
 )
+from hesse._layers import hessian_diagonal_blocks
 from hesse._layout import ParamLayout
 from hesse._memory import Alternative, activation_bytes, plan_chunk
 from hesse._transforms import (
@@ -54,7 +56,9 @@ class Curvature:
 
     ``columns(layout, theta, window)`` builds the column function of the map restricted to a
     sub-layout (other blocks stay at the model's values) and to ``theta[window]`` within it;
-    ``lead`` is the shape of the map's value, batch dim included.
+    ``lead`` is the shape of the map's value, batch dim included. ``layered(theta)``, where
+    present, gives the exact diagonal blocks that layer structure makes cheap (`hesse._layers`);
+    the others come from columns.
     """
 
     model: nn.Module
@@ -62,6 +66,7 @@ class Curvature:
     lead: tuple[int, ...]
     columns: Callable[[ParamLayout, Tensor, slice], ColumnFn]
     activations: Callable[[ParamLayout, Tensor], int]
+    layered: Callable[[Tensor], dict[str, Tensor]] | None = None
 
 
 def model_curvature(
@@ -123,7 +128,18 @@ def loss_curvature(
     def activations(sub: ParamLayout, theta: Tensor) -> int:
         return activation_bytes(loss_function(model, sub.unflatten, criterion, args, target), theta)
 
-    return Curvature(model, layout, (), columns, activations)
+    def layered(theta: Tensor) -> dict[str, Tensor]:
+        first = args[0] if args else None
+        batch = first.shape[0] if isinstance(first, Tensor) and first.ndim > 0 else 0
+        return hessian_diagonal_blocks(
+            model,
+            layout,
+            layout.unflatten(theta),
+            lambda leaves: loss(criterion, model, leaves, args, target),
+            batch,
+        )
+
+    return Curvature(model, layout, (), columns, activations, layered)
 
 
 def sample_loss_curvature(
@@ -244,8 +260,27 @@ def dense(
 def diagonal(
     c: Curvature, chunk_size: int | None, what: str, theta: Tensor | None = None
 ) -> Tensor:
-    """The exact ``(*lead, N)`` diagonal, planned to fit in memory."""
+    """The exact ``(*lead, N)`` diagonal, planned to fit in memory.
+
+    Blocks the layer route covers (``c.layered``) cost a few products per layer; the rest
+    take one column per entry.
+    """
     theta = c.layout.gather(c.model) if theta is None else theta
-    n = c.layout.numel
-    chunk = _plan(c, c.layout, theta, what, (*c.lead, n), chunk_size)
-    return diagonal_from_columns(partial(c.columns, c.layout, theta), n, c.lead, chunk, theta)
+    blocks = c.layered(theta) if c.layered is not None else {}
+    rest = c.layout.restrict(n for n in c.layout.names if n not in blocks)
+    if not blocks:
+        n = c.layout.numel
+        chunk = _plan(c, c.layout, theta, what, (*c.lead, n), chunk_size)
+        return diagonal_from_columns(partial(c.columns, c.layout, theta), n, c.lead, chunk, theta)
+    out = theta.new_empty(*c.lead, c.layout.numel)
+    for name, block in blocks.items():
+        out[..., c.layout.slice(name)] = block.reshape(*c.lead, -1)
+    if rest.names:
+        sub_theta = torch.cat([theta[c.layout.slice(n)] for n in rest.names])
+        chunk = _plan(c, rest, sub_theta, what, (*c.lead, rest.numel), chunk_size)
+        d = diagonal_from_columns(
+            partial(c.columns, rest, sub_theta), rest.numel, c.lead, chunk, sub_theta
+        )
+        for name, piece in zip(rest.names, d.split(rest.numels, dim=-1)):
+            out[..., c.layout.slice(name)] = piece
+    return out

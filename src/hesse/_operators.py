@@ -28,6 +28,7 @@ from hesse._curvature import check_independent_samples, dense, diagonal, loss_cu
 from hesse._data import Batch, Dataset, as_dataset
 from hesse._distributed import Shard, resolve_shard
 from hesse._functional import criterion_loss, evaluate, loss, sample_loss_function
+from hesse._layers import ggn_diagonal_blocks
 from hesse._layout import ParamLayout, Params
 from hesse._memory import TARGET_COLUMNS, plan_chunk
 from hesse._protocol import Operator
@@ -898,6 +899,28 @@ class GGNOperator(CurvatureOperator):
         )(tangents)
 
     def _batch_diagonal(self, batch: Batch) -> Tensor:
+        # Linear layers whose weights enter once per sample: through their outputs, C backward
+        # passes for all of them (`hesse._layers`); any other parameter: the general path.
+        theta = self._state.theta
+        first = batch.inputs[0] if batch.inputs else None
+        size = first.shape[0] if isinstance(first, Tensor) and first.ndim > 0 else 0
+        blocks = ggn_diagonal_blocks(
+            self.model,
+            self.layout,
+            self.layout.unflatten(theta),
+            self.criterion,
+            batch.inputs,
+            batch.target,
+            size,
+        )
+        out = self._general_diagonal(batch) if len(blocks) < len(self.layout.names) else None
+        if out is None:
+            out = theta.new_empty(theta.numel())
+        for name, block in blocks.items():
+            out[self.layout.slice(name)] = block.reshape(-1)
+        return out
+
+    def _general_diagonal(self, batch: Batch) -> Tensor:
         # diag(Jᵀ H J) = Σ_r J_r ⊙ (Jᵀ H e_r), over the output entries r, a chunk at a time.
         def vectorised(e: Tensor) -> Tensor:
             _, h, jt, shape = self._linearise(batch)

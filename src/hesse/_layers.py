@@ -1,0 +1,444 @@
+r"""Layer-structured curvature: exact diagonals through the outputs of linear layers.
+
+For a layer $z_n = W a_n + b$ whose weight enters the loss only there, once per sample $n$,
+and a loss whose curvature in the layer's outputs does not couple samples,
+
+$$\operatorname{diag} H_W[i, j] = \sum_n a_{nj}^2\, [\nabla^2_{z_n} L]_{ii}, \qquad
+\operatorname{diag} H_b[i] = \sum_n [\nabla^2_{z_n} L]_{ii},$$
+
+and $[\nabla^2_{z_n} L]_{ii}$ for every sample at once is one product with the Hessian in
+$z$, the probe $e_i$ placed in every sample: a layer costs ``d_out`` products instead of
+``d_out * (d_in + 1)``. The GGN takes the same form with $J_z^\top H_f J_z$ in place of
+$\nabla^2_z L$; its diagonal follows from a factor $H_f = S \operatorname{diag}(\sigma) S^\top$ of
+the outputs' loss Hessian ($C$ columns per sample), one backward pass per column for all
+layers at once (what BackPACK's ``DiagGGNExact`` propagates layer by layer).
+
+Nothing is assumed. Each layer is checked on the very batch, and one that fails a check takes
+the general path:
+
+- the module ran once, on an input of shape ``(B, d_in)``, and returned $a W^\top + b$ of it
+  (a forward hook of the user's that changes the output fails here);
+- its weight and bias each feed one operation of the graph, and the loss gradient in them
+  equals the one through the layer's outputs (tied weights, a parameter read elsewhere);
+- a probe confined to a random set of samples stays in those samples (BatchNorm with batch
+  statistics, attention across the batch, a loss that compares samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from hesse._functional import criterion_loss, evaluate
+from hesse._layout import ParamLayout
+
+__all__ = ["ggn_diagonal_blocks", "hessian_diagonal_blocks", "linear_sites"]
+
+# Probes per batched backward pass, and the most probe entries (probes x B x d_out) at once.
+_PROBES = 256
+_PROBE_ENTRIES = 1 << 24
+
+
+@dataclass(frozen=True)
+class Site:
+    """A linear layer with selected parameters: ``weight``/``bias`` are layout names or None."""
+
+    path: str
+    module: nn.Linear
+    weight: str | None
+    bias: str | None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.weight, self.bias) if n is not None)
+
+
+@dataclass
+class _Record:
+    calls: int = 0
+    a: Any = None
+    z: Any = None
+
+
+def linear_sites(model: nn.Module, layout: ParamLayout) -> list[Site]:
+    """The ``nn.Linear`` modules of ``model`` with a selected weight or bias, in module order."""
+    selected = set(layout.names)
+    sites = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        prefix = f"{path}." if path else ""
+        weight = f"{prefix}weight" if f"{prefix}weight" in selected else None
+        bias = f"{prefix}bias" if module.bias is not None and f"{prefix}bias" in selected else None
+        if weight is not None or bias is not None:
+            sites.append(Site(path, module, weight, bias))
+    return sites
+
+
+@contextmanager
+def _recording(sites: list[Site]) -> Iterator[list[_Record]]:
+    """Record each site's calls, input and output during a forward pass; hooks removed after."""
+    records = [_Record() for _ in sites]
+    handles = []
+
+    def hook_for(record: _Record) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            record.calls += 1
+            record.a = args[0] if len(args) == 1 else None
+            record.z = output
+
+        return hook
+
+    try:
+        for site, record in zip(sites, records):
+            handles.append(site.module.register_forward_hook(hook_for(record)))
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _close(actual: Tensor, expected: Tensor, slack: float = 1e3) -> bool:
+    actual, expected = actual.detach(), expected.detach()
+    eps = torch.finfo(actual.dtype).eps
+    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-30)
+    return float((actual - expected).abs().max()) <= slack * eps * scale
+
+
+def _uses(root: Tensor, leaves: dict[str, Tensor]) -> dict[int, int]:
+    """How many operations of ``root``'s graph read each leaf (by ``id``)."""
+    wanted = {id(t) for t in leaves.values()}
+    counts: dict[int, int] = {}
+    seen = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None and id(variable) in wanted:
+                counts[id(variable)] = counts.get(id(variable), 0) + 1
+            else:
+                stack.append(child)
+    return counts
+
+
+def _linear_records(
+    sites: list[Site],
+    records: list[_Record],
+    leaves: dict[str, Tensor],
+    batch: int,
+    uses: dict[int, int],
+) -> list[tuple[Site, Tensor, Tensor]]:
+    """The sites that ran once as ``z = a Wᵀ + b`` on ``(B, d_in)``, each leaf read once."""
+    kept = []
+    for site, record in zip(sites, records):
+        a, z, m = record.a, record.z, site.module
+        if not (
+            record.calls == 1
+            and isinstance(a, Tensor)
+            and isinstance(z, Tensor)
+            and a.shape == (batch, m.in_features)
+            and z.shape == (batch, m.out_features)
+            and z.requires_grad
+            and all(uses.get(id(leaves[n]), 0) == 1 for n in site.names)
+        ):
+            continue
+        weight = leaves[site.weight] if site.weight else m.weight
+        bias = leaves[site.bias] if site.bias else m.bias
+        with torch.no_grad():
+            if not _close(z.detach(), F.linear(a.detach(), weight.detach(), _detach(bias))):
+                continue
+        kept.append((site, a.detach(), z))
+    return kept
+
+
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _gradient_matches(site: Site, a: Tensor, gz: Tensor, grads: dict[str, Tensor]) -> bool:
+    """The gradient in the layer's parameters equals the one through its outputs."""
+    if site.weight is not None and not _close(grads[site.weight], gz.T @ a, slack=1e4):
+        return False
+    return site.bias is None or _close(grads[site.bias], gz.sum(0), slack=1e4)
+
+
+def _subset_probe(batch: int, width: int, like: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """A random probe ``(B, width)`` confined to a random half of the samples (sample 0 in)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    inside = torch.rand(batch, generator=g) < 0.5
+    inside[0] = True
+    probe = torch.randn(batch, width, generator=g, dtype=like.dtype)
+    probe[~inside] = 0
+    return probe.to(like.device), inside.to(like.device)
+
+
+def _confined(result: Tensor, inside: Tensor) -> bool:
+    """The product of a probe confined to ``inside`` samples vanishes elsewhere."""
+    result = result.detach()
+    eps = torch.finfo(result.dtype).eps
+    scale = max(float(result.abs().max()) if result.numel() else 0.0, 1e-30)
+    outside = result[~inside]
+    return outside.numel() == 0 or float(outside.abs().max()) <= 1e2 * eps * scale
+
+
+def _batched_grad(
+    outputs: Tensor | list[Tensor], inputs: list[Tensor], probes: Tensor
+) -> list[Tensor]:
+    """``∂(outputs · probe)/∂inputs`` for every probe (dim 0), vectorised, in chunks."""
+    per_probe = probes[0].numel()
+    chunk = max(1, min(_PROBES, _PROBE_ENTRIES // max(per_probe, 1)))
+    parts: list[list[Tensor]] = [[] for _ in inputs]
+    for start in range(0, probes.shape[0], chunk):
+        block = probes[start : start + chunk]
+        try:
+            got = torch.autograd.grad(
+                outputs, inputs, block, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        except (RuntimeError, NotImplementedError):  # a backward vmap cannot batch: a loop
+            rows = [
+                torch.autograd.grad(outputs, inputs, p, retain_graph=True, allow_unused=True)
+                for p in block
+            ]
+            got = tuple(
+                torch.stack([_zeros(r[i], inputs[i]) for r in rows]) for i in range(len(inputs))
+            )
+        for i, g in enumerate(got):
+            parts[i].append(_zeros_batched(g, inputs[i], block.shape[0]))
+    return [torch.cat(p) for p in parts]
+
+
+def _zeros(g: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if g is None else g
+
+
+def _zeros_batched(g: Tensor | None, like: Tensor, count: int) -> Tensor:
+    return like.new_zeros(count, *like.shape) if g is None else g
+
+
+def _assemble(site: Site, a: Tensor, d: Tensor) -> dict[str, Tensor]:
+    """Blocks from the per-sample diagonal ``d`` ``(B, d_out)`` of the curvature in z."""
+    out = {}
+    if site.weight is not None:
+        out[site.weight] = d.T @ (a * a)
+    if site.bias is not None:
+        out[site.bias] = d.sum(0)
+    return out
+
+
+def _unit_probes(batch: int, width: int, like: Tensor) -> Tensor:
+    """``(width, B, width)``: probe ``i`` is ``e_i`` in every sample."""
+    eye = torch.eye(width, dtype=like.dtype, device=like.device)
+    return eye[:, None, :].expand(width, batch, width)
+
+
+def hessian_diagonal_blocks(
+    model: nn.Module,
+    layout: ParamLayout,
+    params: dict[str, Tensor],
+    run_loss: Callable[[dict[str, Tensor]], Tensor],
+    batch: int,
+) -> dict[str, Tensor]:
+    """Exact diagonal blocks of the loss Hessian for the verified linear layers' parameters.
+
+    Args:
+        model: The module (in the state the caller set up).
+        layout: The selected parameters.
+        params: Their current values by name.
+        run_loss: ``leaves -> loss`` with ``leaves`` in place of the selected parameters.
+        batch: The number of samples ``B`` (dim 0 of the inputs).
+
+    Returns:
+        ``{name: diagonal block of the parameter's shape}`` for the parameters the layer
+        route covers; the others are left to the general path.
+    """
+    sites = linear_sites(model, layout)
+    if not sites or batch == 0:
+        return {}
+    leaves = {n: params[n].detach().requires_grad_() for n in layout.names}
+    with torch.enable_grad():
+        with _recording(sites) as records:
+            value = run_loss(leaves)
+        if not value.requires_grad:
+            return {}
+        found = _linear_records(sites, records, leaves, batch, _uses(value, leaves))
+        if not found:
+            return {}
+        names = [n for site, _, _ in found for n in site.names]
+        grads = torch.autograd.grad(
+            value,
+            [z for _, _, z in found] + [leaves[n] for n in names],
+            create_graph=True,
+            allow_unused=True,
+        )
+    gz = grads[: len(found)]
+    by_name = {n: _zeros(g, leaves[n]) for n, g in zip(names, grads[len(found) :])}
+    blocks: dict[str, Tensor] = {}
+    for k, ((site, a, z), g) in enumerate(zip(found, gz)):
+        if g is None or not g.requires_grad or not _gradient_matches(site, a, g, by_name):
+            continue
+        width = z.shape[1]
+        check, inside = _subset_probe(batch, width, z, seed=k)
+        probes = torch.cat([_unit_probes(batch, width, z), check[None]])
+        with torch.enable_grad():
+            (columns,) = _batched_grad(g, [z], probes)
+        if not _confined(columns[-1], inside):
+            continue
+        d = columns[:width].diagonal(dim1=0, dim2=2)  # d[n, i] = [∇²_{z_n} L]_ii
+        blocks.update(_assemble(site, a, d.detach()))
+    return blocks
+
+
+def ggn_diagonal_blocks(
+    model: nn.Module,
+    layout: ParamLayout,
+    params: dict[str, Tensor],
+    criterion: Callable[..., Tensor],
+    inputs: tuple[Any, ...],
+    target: Any,
+    batch: int,
+) -> dict[str, Tensor]:
+    """Exact diagonal blocks of the GGN for the verified linear layers' parameters.
+
+    The GGN of the outputs ``f`` is ``Jᵀ H_f J``. Per sample, ``H_f = V diag(λ) Vᵀ``; with
+    ``S = V |λ|^½`` the diagonal in a layer's outputs is ``Σ_c sign(λ_c) (J_zᵀ S_c)²``, where
+    ``J_zᵀ S_c`` for every layer comes from one backward pass of ``f`` weighted by column
+    ``c`` of each sample's ``S``.
+
+    Args:
+        model: The module (in the state the caller set up).
+        layout: The selected parameters.
+        params: Their current values by name.
+        criterion: The loss of the outputs.
+        inputs: The model's inputs.
+        target: The target.
+        batch: The number of samples ``B`` (dim 0 of the inputs).
+
+    Returns:
+        ``{name: diagonal block}`` for the parameters the layer route covers.
+    """
+    sites = linear_sites(model, layout)
+    if not sites or batch == 0:
+        return {}
+    leaves = {n: params[n].detach().requires_grad_() for n in layout.names}
+    with torch.enable_grad():
+        with _recording(sites) as records:
+            f = evaluate(model, leaves, inputs)
+        if not isinstance(f, Tensor) or not f.requires_grad or f.ndim == 0 or f.shape[0] != batch:
+            return {}
+        found = _linear_records(sites, records, leaves, batch, _uses(f, leaves))
+        if not found:
+            return {}
+        factor = _output_factor(criterion, f.detach(), target, batch)
+    if factor is None:
+        return {}
+    s, sign = factor  # (C, B, *O) columns of each sample's factor, (C, B) signs
+    names = [n for site, _, _ in found for n in site.names]
+    check, inside = _subset_probe(batch, s[0, 0].numel(), f, seed=0)
+    probes = torch.cat([s, check.reshape(1, *f.shape)])
+    with torch.enable_grad():
+        got = _batched_grad(f, [z for _, _, z in found] + [leaves[n] for n in names], probes)
+    by_name = {n: g[-1] for n, g in zip(names, got[len(found) :])}
+    blocks: dict[str, Tensor] = {}
+    for (site, a, _), m in zip(found, got[: len(found)]):
+        # m: (C + 1, B, d_out); the last row is the check probe's Jᵀ u.
+        if not _confined(m[-1], inside) or not _gradient_matches(site, a, m[-1], by_name):
+            continue
+        d = (sign[:, :, None] * m[:-1].square()).sum(0)  # (B, d_out)
+        blocks.update(_assemble(site, a, d))
+    return blocks
+
+
+def _output_factor(
+    criterion: Callable[..., Tensor], f: Tensor, target: Any, batch: int
+) -> tuple[Tensor, Tensor] | None:
+    """Columns ``S_c`` (``(C, B, *O)``) and signs of each sample's outputs' loss Hessian.
+
+    ``None`` when the loss couples samples (the GGN's diagonal is then not per sample).
+    """
+    width = f[0].numel()
+    if width > _PROBES:
+        return None  # C backward passes would cost more than the general path
+    closed = _closed_factor(criterion, f, target, batch)
+    if closed is not None:
+        return closed
+    leaf = f.detach().requires_grad_()
+    with torch.enable_grad():
+        value = criterion_loss(criterion, leaf, target)
+        (g,) = torch.autograd.grad(value, leaf, create_graph=True)
+    check, inside = _subset_probe(batch, width, f, seed=1)
+    units = _unit_probes(batch, width, f)
+    probes = torch.cat([units, check[None]]).reshape(width + 1, *f.shape)
+    if not g.requires_grad:  # a loss linear in the outputs: no curvature
+        return torch.zeros(width, *f.shape, dtype=f.dtype, device=f.device), f.new_zeros(
+            width, batch
+        )
+    with torch.enable_grad():
+        (columns,) = _batched_grad(g, [leaf], probes)
+    columns = columns.reshape(width + 1, batch, width)
+    if not _confined(columns[-1], inside):
+        return None
+    h = columns[:width].permute(1, 2, 0)  # h[n, :, c] = H_n e_c
+    values, vectors = torch.linalg.eigh((h + h.mT) / 2)  # (B, C), (B, C, C)
+    s = vectors * values.abs().sqrt()[:, None, :]  # s[n, :, c]: column c of sample n's factor
+    return s.permute(2, 0, 1).reshape(width, *f.shape), values.sign().T
+
+
+def _closed_factor(
+    criterion: Callable[..., Tensor], f: Tensor, target: Any, batch: int
+) -> tuple[Tensor, Tensor] | None:
+    """The factor of cross-entropy's and MSE's outputs' Hessian in closed form, verified.
+
+    Cross-entropy with class indices: ``w (diag p − p pᵀ) = S Sᵀ`` with
+    ``S = √w (diag √p − p √pᵀ)``, ``p`` the softmax and ``w`` ``1/B`` for the mean; MSE:
+    ``S = √w I`` with ``w`` ``2/numel`` for the mean. One product with a random probe against
+    autograd confirms it (a subclass or a patched criterion falls back to the general factor).
+    """
+    reduction = getattr(criterion, "reduction", None)
+    if reduction not in ("mean", "sum"):
+        return None
+    if (
+        type(criterion) is nn.CrossEntropyLoss
+        and criterion.weight is None
+        and criterion.label_smoothing == 0
+        and f.ndim == 2
+        and isinstance(target, Tensor)
+        and target.shape == (batch,)
+        and not target.is_floating_point()
+        and not bool((target == criterion.ignore_index).any())
+    ):
+        w = 1.0 / batch if reduction == "mean" else 1.0
+        p = torch.softmax(f, dim=1)
+        root = p.sqrt()
+        s = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]  # s[n, :, c]
+        s = (s * w**0.5).permute(2, 0, 1)  # (C, B, C)
+    elif type(criterion) is nn.MSELoss and isinstance(target, Tensor) and target.shape == f.shape:
+        w = 2.0 / f.numel() if reduction == "mean" else 2.0
+        width = f[0].numel()
+        s = _unit_probes(batch, width, f).reshape(width, *f.shape) * w**0.5
+    else:
+        return None
+    sign = f.new_ones(s.shape[0], batch)
+    probe = torch.randn(f.shape, generator=torch.Generator().manual_seed(2), dtype=f.dtype)
+    probe = probe.to(f.device)
+    leaf = f.detach().requires_grad_()
+    with torch.enable_grad():
+        value = criterion_loss(criterion, leaf, target)
+        (g,) = torch.autograd.grad(value, leaf, create_graph=True)
+        if not g.requires_grad:
+            return None
+        (hu,) = torch.autograd.grad(g, leaf, probe)
+    flat = s.reshape(s.shape[0], batch, -1)
+    mine = (flat * (flat * probe.reshape(1, batch, -1)).sum(-1, keepdim=True)).sum(0)
+    return (s, sign) if _close(mine.reshape(f.shape), hu, slack=1e4) else None

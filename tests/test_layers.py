@@ -1,0 +1,343 @@
+"""The layer route for exact diagonals (hesse._layers): same answer as the general path, always.
+
+Every registry case and every model built to defeat the shortcut (tied or shared weights, a
+layer called twice, a hook that changes its output, samples mixed before the loss, a loss that
+couples samples, a sequence layer) must give the Hessian and GGN diagonals of the independent
+oracles to 1e-10 in float64. The route's coverage is asserted too, so that a test cannot pass
+by the general path alone where the route should apply, nor by the route where it must not.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from cases import CASES, Case, oracle_loss_hessian
+from conftest import assert_close, state_preserved
+from torch import Tensor, nn
+
+import hesse
+from hesse._layers import ggn_diagonal_blocks, hessian_diagonal_blocks
+from hesse._layout import ParamLayout
+
+F64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape: int, seed: int = 0) -> Tensor:
+    return torch.randn(*shape, generator=_gen(seed), dtype=F64)
+
+
+def oracle_ggn(model: nn.Module, criterion: Callable[..., Tensor], x: Tensor, y: Any) -> Tensor:
+    """``Jᵀ H_f J`` from torch.autograd.functional.jacobian and hessian, eval mode."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    values = tuple(p.detach().clone() for _, p in named)
+    was = model.training
+    model.eval()
+    try:
+
+        def outputs(*ps: Tensor) -> Tensor:
+            return torch.func.functional_call(model, dict(zip(names, ps)), (x,))
+
+        with torch.no_grad():
+            f = outputs(*values)
+        jac = torch.autograd.functional.jacobian(outputs, values)
+        j = torch.cat([block.reshape(f.numel(), -1) for block in jac], dim=1)
+        h = torch.autograd.functional.hessian(lambda out: criterion(out, y), f)
+        h = h.reshape(f.numel(), f.numel())
+    finally:
+        model.train(was)
+    return j.T @ h @ j
+
+
+def covered(model: nn.Module, criterion: Any, x: Tensor, y: Any, *, ggn: bool = False) -> set[str]:
+    layout = ParamLayout.from_module(model)
+    params = {n: p.detach() for n, p in model.named_parameters() if n in layout.names}
+    was = model.training
+    model.eval()
+    try:
+        if ggn:
+            blocks = ggn_diagonal_blocks(model, layout, params, criterion, (x,), y, x.shape[0])
+        else:
+            blocks = hessian_diagonal_blocks(
+                model,
+                layout,
+                params,
+                lambda leaves: criterion(torch.func.functional_call(model, leaves, (x,)), y),
+                x.shape[0],
+            )
+    finally:
+        model.train(was)
+    return set(blocks)
+
+
+# ------------------------------------------------------------------- the registry, every path
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hessian_diagonal_equals_the_oracle_on_every_case(name: str) -> None:
+    case: Case = copy.deepcopy(CASES[name])
+    expected = oracle_loss_hessian(case).diagonal()
+    with state_preserved(case.model):
+        got = hesse.loss_hessian_diagonal(case.model, case.criterion, case.inputs, case.target)
+        op = hesse.HessianOperator(case.model, case.criterion, (case.inputs, case.target))
+        from_op = op.diagonal()
+    assert_close(got, expected)
+    assert_close(from_op, expected)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ggn_diagonal_equals_the_oracle_on_every_case(name: str) -> None:
+    case: Case = copy.deepcopy(CASES[name])
+    if len(case.inputs) != 1:
+        pytest.skip("the oracle takes one input")
+    x = case.inputs[0]
+    expected = oracle_ggn(case.model, case.criterion, x, case.target).diagonal()
+    with state_preserved(case.model):
+        got = hesse.GGNOperator(case.model, case.criterion, (x, case.target)).diagonal()
+    assert_close(got, expected)
+
+
+def test_the_route_covers_every_linear_layer_of_a_plain_mlp() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    x, y = _randn(7, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    every = {n for n, _ in model.named_parameters()}
+    assert covered(model, nn.CrossEntropyLoss(), x, y) == every
+    assert covered(model, nn.CrossEntropyLoss(), x, y, ggn=True) == every
+    assert covered(model, nn.MSELoss(), x, _randn(7, 3), ggn=True) == every
+
+
+# ------------------------------------------------------------- models built to defeat it
+
+
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+class SharedWeight(nn.Module):
+    """The hidden layer's weight is also read by a second, functional use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        side = F.linear(x, self.lin.weight).pow(2).sum(1, keepdim=True)
+        return self.head(torch.tanh(self.lin(x))) + side
+
+
+class TiedLinear(nn.Module):
+    """Two modules, one weight (the second module's name is not in named_parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class Mixer(nn.Module):
+    """Samples are mixed after the hidden layer (its curvature couples samples), not the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(x))
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+class Doubled(nn.Linear):
+    """A subclass whose output is not x Wᵀ + b."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, 2 * torch.sin(self.weight), self.bias)
+
+
+class Sequence(nn.Module):
+    """A linear layer applied at every position: its weight enters T times per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.lin(x.reshape(x.shape[0], 2, 3))).mean(1))
+
+
+class Keyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(input=x)
+
+
+def _hooked() -> nn.Module:
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].register_forward_hook(lambda m, args, out: out * 1.5 + out.pow(2))
+    return model
+
+
+def _coupling_loss(out: Tensor, y: Tensor) -> Tensor:
+    return (out.sum(0) - y.sum(0)).pow(2).sum() + (out - y).pow(2).sum()
+
+
+DEFEATS: dict[str, tuple[Callable[[], nn.Module], Callable[..., Tensor], set[str]]] = {
+    # name: (model, criterion, the parameters the route covers); a layer that fails a check
+    # leaves all its parameters to the general path, its bias too
+    "called_twice": (CalledTwice, nn.MSELoss(), {"head.weight", "head.bias"}),
+    "shared_weight": (SharedWeight, nn.MSELoss(), {"head.weight", "head.bias"}),
+    "tied": (TiedLinear, nn.MSELoss(), {"b.bias", "head.weight", "head.bias"}),
+    "mixer": (Mixer, nn.MSELoss(), {"head.weight", "head.bias"}),
+    "subclass": (
+        lambda: nn.Sequential(Doubled(6, 4), nn.Tanh(), nn.Linear(4, 2)),
+        nn.MSELoss(),
+        {"2.weight", "2.bias"},
+    ),
+    "sequence": (Sequence, nn.MSELoss(), {"head.weight", "head.bias"}),
+    "keyword": (Keyword, nn.MSELoss(), set()),
+    "hooked": (_hooked, nn.MSELoss(), {"2.weight", "2.bias"}),
+    "coupling_loss": (
+        lambda: nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)),
+        _coupling_loss,
+        set(),
+    ),
+}
+
+
+def _defeat(name: str) -> tuple[nn.Module, Callable[..., Tensor], Tensor, Tensor, set[str]]:
+    build, criterion, allowed = DEFEATS[name]
+    torch.manual_seed(3)
+    model = build().to(F64)
+    x = _randn(6, 3 if name in ("called_twice", "shared_weight", "tied", "mixer") else 6)
+    return model, criterion, x, _randn(6, 2, seed=1), allowed
+
+
+@pytest.mark.parametrize("name", sorted(DEFEATS))
+def test_models_built_to_defeat_the_route_get_the_exact_hessian_diagonal(name: str) -> None:
+    model, criterion, x, y, allowed = _defeat(name)
+    case = Case(name, model, (x,), y, criterion)
+    expected = oracle_loss_hessian(case).diagonal()
+    hooks = dict(model._forward_hooks)
+    with state_preserved(model):
+        got = hesse.loss_hessian_diagonal(model, criterion, x, y)
+    assert dict(model._forward_hooks) == hooks  # hesse's recording hooks are gone
+    assert_close(got, expected)
+    assert covered(model, criterion, x, y) == allowed
+
+
+@pytest.mark.parametrize("name", sorted(DEFEATS))
+def test_models_built_to_defeat_the_route_get_the_exact_ggn_diagonal(name: str) -> None:
+    model, criterion, x, y, allowed = _defeat(name)
+    expected = oracle_ggn(model, criterion, x, y).diagonal()
+    got = hesse.GGNOperator(model, criterion, (x, y)).diagonal()
+    assert_close(got, expected)
+    # The GGN's outputs-Jacobian route has the same preconditions, except that a loss that
+    # couples samples is refused by its own check (the outputs' Hessian is not per sample).
+    assert covered(model, criterion, x, y, ggn=True) == allowed
+
+
+def test_batch_statistics_in_training_mode_take_the_general_path() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    x, y = _randn(6, 3), _randn(6, 2, seed=1)
+    crit = nn.MSELoss()
+
+    def loss_of(ps: dict[str, Tensor]) -> Tensor:
+        return crit(torch.func.functional_call(model, ps, (x,)), y)
+
+    model.train()
+    with torch.no_grad():
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+    got = hesse.loss_hessian_diagonal(model, crit, x, y, training=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k])  # running statistics untouched
+    bn = model[1]
+    bn.track_running_stats = False
+    try:
+        names = [n for n, _ in model.named_parameters()]
+        values = tuple(p.detach().clone() for p in model.parameters())
+        h = torch.autograd.functional.hessian(lambda *ps: loss_of(dict(zip(names, ps))), values)
+    finally:
+        bn.track_running_stats = True
+    expected = torch.cat(
+        [h[i][i].reshape(v.numel(), v.numel()).diagonal() for i, v in enumerate(values)]
+    )
+    assert_close(got, expected)
+
+
+def test_closed_form_and_general_output_factors_agree() -> None:
+    class MyCrossEntropy(nn.CrossEntropyLoss):  # a subclass: the general factor, by eigh
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).to(F64)
+    x, y = _randn(9, 5), torch.randint(0, 4, (9,), generator=_gen(2))
+    for reduction in ("mean", "sum"):
+        closed = hesse.GGNOperator(model, nn.CrossEntropyLoss(reduction=reduction), (x, y))
+        general = hesse.GGNOperator(model, MyCrossEntropy(reduction=reduction), (x, y))
+        expected = oracle_ggn(model, nn.CrossEntropyLoss(reduction=reduction), x, y).diagonal()
+        assert_close(closed.diagonal(), expected)
+        assert_close(general.diagonal(), expected)
+
+
+def test_unequal_batches_are_weighted_like_products() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    x, y = _randn(11, 4), torch.randint(0, 3, (11,), generator=_gen(1))
+    data = [(x[:3], y[:3]), (x[3:], y[3:])]
+    for cls in (hesse.HessianOperator, hesse.GGNOperator):
+        op = cls(model, nn.CrossEntropyLoss(), data)
+        assert_close(op.diagonal(), op.to_dense().diagonal())
+        whole = cls(model, nn.CrossEntropyLoss(), (x, y))
+        assert_close(op.diagonal(), whole.diagonal())
+
+
+def test_a_subset_of_parameters_mixes_routes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    x, y = _randn(8, 4), torch.randint(0, 3, (8,), generator=_gen(1))
+    crit = nn.CrossEntropyLoss()
+    full = hesse.loss_hessian_matrix(model, crit, x, y).diagonal()
+    layout = ParamLayout.from_module(model)
+    for params in (["0.bias", "1.weight", "3.weight"], ["1.*"], ["3.bias"]):
+        got = hesse.loss_hessian_diagonal(model, crit, x, y, params=params)
+        sub = ParamLayout.from_module(model, params)
+        expected = torch.cat([full[layout.slice(n)] for n in sub.names])
+        assert_close(got, expected)
+
+
+def test_float32_agrees_with_float64() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    crit = nn.CrossEntropyLoss()
+    single = hesse.loss_hessian_diagonal(model, crit, x, y)
+    double = hesse.loss_hessian_diagonal(model.double(), crit, x.double(), y)
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), double, rtol=1e-4, atol=1e-6)
