@@ -21,7 +21,7 @@ from conftest import assert_close, state_preserved
 from torch import Tensor, nn
 
 import hesse
-from hesse._layers import ggn_diagonal_blocks, hessian_diagonal_blocks
+from hesse._layers import exact_factor, ggn_diagonal_blocks, hessian_diagonal_blocks
 from hesse._layout import ParamLayout
 
 F64 = torch.float64
@@ -65,7 +65,8 @@ def covered(model: nn.Module, criterion: Any, x: Tensor, y: Any, *, ggn: bool = 
     model.eval()
     try:
         if ggn:
-            blocks = ggn_diagonal_blocks(model, layout, params, criterion, (x,), y, x.shape[0])
+            factor = exact_factor(criterion, y, x.shape[0])
+            blocks = ggn_diagonal_blocks(model, layout, params, (x,), x.shape[0], factor)
         else:
             blocks = hessian_diagonal_blocks(
                 model,
@@ -212,14 +213,17 @@ DEFEATS: dict[str, tuple[Callable[[], nn.Module], Callable[..., Tensor], set[str
     # leaves all its parameters to the general path, its bias too
     "called_twice": (CalledTwice, nn.MSELoss(), {"head.weight", "head.bias"}),
     "shared_weight": (SharedWeight, nn.MSELoss(), {"head.weight", "head.bias"}),
-    "tied": (TiedLinear, nn.MSELoss(), {"b.bias", "head.weight", "head.bias"}),
+    # b's only selected parameter is its bias (its weight is a's): d_out probes cost as much
+    # as the general path's d_out columns, so the Hessian leaves it there (the GGN does not)
+    "tied": (TiedLinear, nn.MSELoss(), {"head.weight", "head.bias"}),
     "mixer": (Mixer, nn.MSELoss(), {"head.weight", "head.bias"}),
     "subclass": (
         lambda: nn.Sequential(Doubled(6, 4), nn.Tanh(), nn.Linear(4, 2)),
         nn.MSELoss(),
         {"2.weight", "2.bias"},
     ),
-    "sequence": (Sequence, nn.MSELoss(), {"head.weight", "head.bias"}),
+    # two positions per sample: 2 * d_out probes through the token blocks
+    "sequence": (Sequence, nn.MSELoss(), {"lin.weight", "lin.bias", "head.weight", "head.bias"}),
     "keyword": (Keyword, nn.MSELoss(), set()),
     "hooked": (_hooked, nn.MSELoss(), {"2.weight", "2.bias"}),
     "coupling_loss": (
@@ -257,9 +261,11 @@ def test_models_built_to_defeat_the_route_get_the_exact_ggn_diagonal(name: str) 
     expected = oracle_ggn(model, criterion, x, y).diagonal()
     got = hesse.GGNOperator(model, criterion, (x, y)).diagonal()
     assert_close(got, expected)
-    # The GGN's outputs-Jacobian route has the same preconditions, except that a loss that
-    # couples samples is refused by its own check (the outputs' Hessian is not per sample).
-    assert covered(model, criterion, x, y, ggn=True) == allowed
+    # The GGN's route has the same preconditions; a loss that couples samples is refused by
+    # its own check (the outputs' Hessian is not per sample). Its cost does not grow with the
+    # positions, so it also takes a layer whose only selected parameter is the bias.
+    extra = {"b.bias"} if name == "tied" else set()
+    assert covered(model, criterion, x, y, ggn=True) == allowed | extra
 
 
 def test_batch_statistics_in_training_mode_take_the_general_path() -> None:
@@ -341,3 +347,69 @@ def test_float32_agrees_with_float64() -> None:
     double = hesse.loss_hessian_diagonal(model.double(), crit, x.double(), y)
     assert single.dtype == torch.float32
     torch.testing.assert_close(single.double(), double, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ Monte-Carlo GGN diagonal
+
+
+@pytest.mark.parametrize("criterion", ["ce", "mse"])
+def test_mc_diagonal_is_unbiased_within_its_standard_error(criterion: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    x = _randn(10, 4)
+    if criterion == "ce":
+        crit: nn.Module = nn.CrossEntropyLoss()
+        y = torch.randint(0, 3, (10,), generator=_gen(1))
+    else:
+        crit, y = nn.MSELoss(reduction="sum"), _randn(10, 3, seed=1)
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]  # unequal batches, weighted like the operators
+    op = hesse.GGNOperator(model, crit, data)
+    exact = op.diagonal()
+    draws = torch.stack([op.mc_diagonal(mc_samples=2, seed=s) for s in range(200)])
+    mean, stderr = draws.mean(0), draws.std(0) / 200**0.5
+    z = (mean - exact).abs() / stderr.clamp_min(1e-12)
+    assert float(z.max()) < 5.0, float(z.max())  # 5 stderr over 57 entries: a real bias fails
+    assert not torch.allclose(draws[0], exact)  # it is an estimate, not the exact path
+    assert torch.equal(op.mc_diagonal(mc_samples=2, seed=3), draws[3])  # seeded
+
+
+def test_mc_diagonal_refuses_what_it_cannot_sample() -> None:
+    model = nn.Linear(3, 2).to(F64)
+    data = (_randn(4, 3), _randn(4, 2))
+    op = hesse.GGNOperator(model, lambda out, t: (out - t).pow(4).sum(), data)
+    with pytest.raises(ValueError, match="criterion: the Monte-Carlo GGN samples labels"):
+        op.mc_diagonal()
+    op = hesse.GGNOperator(model, nn.MSELoss(), data)
+    with pytest.raises(ValueError, match="mc_samples"):
+        op.mc_diagonal(mc_samples=0)
+    with pytest.raises(TypeError, match="seed"):
+        op.mc_diagonal(seed=1.5)  # type: ignore[arg-type]
+
+
+class Tokens(nn.Module):
+    """A token-wise MLP over (B, 2, 3, d) followed by pooling: 6 positions per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.up(x.reshape(x.shape[0], 2, 3, 8)))
+        return self.head(h.mean((1, 2)))
+
+
+def test_layers_applied_at_many_positions_take_the_token_route() -> None:
+    torch.manual_seed(0)
+    model = Tokens().to(F64)
+    x, y = _randn(5, 48), torch.randint(0, 3, (5,), generator=_gen(1))
+    crit = nn.CrossEntropyLoss()
+    every = {n for n, _ in model.named_parameters()}
+    assert covered(model, crit, x, y) == every  # 6 positions x 3 outputs < 27 columns
+    assert covered(model, crit, x, y, ggn=True) == every
+    case = Case("tokens", model, (x,), y, crit)
+    assert_close(
+        hesse.loss_hessian_diagonal(model, crit, x, y), oracle_loss_hessian(case).diagonal()
+    )
+    expected = oracle_ggn(model, crit, x, y).diagonal()
+    assert_close(hesse.GGNOperator(model, crit, (x, y)).diagonal(), expected)

@@ -26,6 +26,7 @@ the general path:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +39,14 @@ from torch import Tensor, nn
 from hesse._functional import criterion_loss, evaluate
 from hesse._layout import ParamLayout
 
-__all__ = ["ggn_diagonal_blocks", "hessian_diagonal_blocks", "linear_sites"]
+__all__ = [
+    "check_sampled",
+    "exact_factor",
+    "ggn_diagonal_blocks",
+    "hessian_diagonal_blocks",
+    "linear_sites",
+    "sampled_factor",
+]
 
 # Probes per batched backward pass, and the most probe entries (probes x B x d_out) at once.
 _PROBES = 256
@@ -140,7 +148,11 @@ def _linear_records(
     batch: int,
     uses: dict[int, int],
 ) -> list[tuple[Site, Tensor, Tensor]]:
-    """The sites that ran once as ``z = a Wᵀ + b`` on ``(B, d_in)``, each leaf read once."""
+    """The sites that ran once as ``z = a Wᵀ + b`` on ``(B, *positions, d_in)``.
+
+    Each with its input as ``(B, T, d_in)`` (``T`` positions per sample, 1 for a plain
+    ``(B, d_in)`` input) and its output as recorded, each selected leaf read once.
+    """
     kept = []
     for site, record in zip(sites, records):
         a, z, m = record.a, record.z, site.module
@@ -148,8 +160,10 @@ def _linear_records(
             record.calls == 1
             and isinstance(a, Tensor)
             and isinstance(z, Tensor)
-            and a.shape == (batch, m.in_features)
-            and z.shape == (batch, m.out_features)
+            and a.ndim >= 2
+            and a.shape[0] == batch
+            and a.shape[-1] == m.in_features
+            and z.shape == (*a.shape[:-1], m.out_features)
             and z.requires_grad
             and all(uses.get(id(leaves[n]), 0) == 1 for n in site.names)
         ):
@@ -159,7 +173,7 @@ def _linear_records(
         with torch.no_grad():
             if not _close(z.detach(), F.linear(a.detach(), weight.detach(), _detach(bias))):
                 continue
-        kept.append((site, a.detach(), z))
+        kept.append((site, a.detach().reshape(batch, -1, m.in_features), z))
     return kept
 
 
@@ -169,9 +183,11 @@ def _detach(t: Tensor | None) -> Tensor | None:
 
 def _gradient_matches(site: Site, a: Tensor, gz: Tensor, grads: dict[str, Tensor]) -> bool:
     """The gradient in the layer's parameters equals the one through its outputs."""
-    if site.weight is not None and not _close(grads[site.weight], gz.T @ a, slack=1e4):
+    g = gz.reshape(-1, gz.shape[-1])
+    weight = a.reshape(-1, a.shape[-1])
+    if site.weight is not None and not _close(grads[site.weight], g.T @ weight, slack=1e4):
         return False
-    return site.bias is None or _close(grads[site.bias], gz.sum(0), slack=1e4)
+    return site.bias is None or _close(grads[site.bias], g.sum(0), slack=1e4)
 
 
 def _subset_probe(batch: int, width: int, like: Tensor, seed: int) -> tuple[Tensor, Tensor]:
@@ -228,7 +244,8 @@ def _zeros_batched(g: Tensor | None, like: Tensor, count: int) -> Tensor:
 
 
 def _assemble(site: Site, a: Tensor, d: Tensor) -> dict[str, Tensor]:
-    """Blocks from the per-sample diagonal ``d`` ``(B, d_out)`` of the curvature in z."""
+    """Blocks from the per-sample diagonal ``d`` ``(B, d_out)`` of the curvature in z (T = 1)."""
+    a = a[:, 0]
     out = {}
     if site.weight is not None:
         out[site.weight] = d.T @ (a * a)
@@ -237,10 +254,11 @@ def _assemble(site: Site, a: Tensor, d: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def _unit_probes(batch: int, width: int, like: Tensor) -> Tensor:
-    """``(width, B, width)``: probe ``i`` is ``e_i`` in every sample."""
-    eye = torch.eye(width, dtype=like.dtype, device=like.device)
-    return eye[:, None, :].expand(width, batch, width)
+def _unit_probes(batch: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """``(prod(shape), B, *shape)``: probe ``k`` is the ``k``-th unit vector in every sample."""
+    width = math.prod(shape)
+    eye = torch.eye(width, dtype=like.dtype, device=like.device).reshape(width, 1, *shape)
+    return eye.expand(width, batch, *shape)
 
 
 def hessian_diagonal_blocks(
@@ -286,28 +304,42 @@ def hessian_diagonal_blocks(
     by_name = {n: _zeros(g, leaves[n]) for n, g in zip(names, grads[len(found) :])}
     blocks: dict[str, Tensor] = {}
     for k, ((site, a, z), g) in enumerate(zip(found, gz)):
+        positions, width = a.shape[1], z.shape[-1]
+        if positions * width >= sum(leaves[n].numel() for n in site.names):
+            continue  # more probes than the general path's columns
         if g is None or not g.requires_grad or not _gradient_matches(site, a, g, by_name):
             continue
-        width = z.shape[1]
-        check, inside = _subset_probe(batch, width, z, seed=k)
-        probes = torch.cat([_unit_probes(batch, width, z), check[None]])
+        check, inside = _subset_probe(batch, z[0].numel(), z, seed=k)
+        probes = torch.cat(
+            [_unit_probes(batch, tuple(z.shape[1:]), z), check.reshape(z.shape)[None]]
+        )
         with torch.enable_grad():
             (columns,) = _batched_grad(g, [z], probes)
-        if not _confined(columns[-1], inside):
+        if not _confined(columns[-1].reshape(batch, -1), inside):
             continue
-        d = columns[:width].diagonal(dim1=0, dim2=2)  # d[n, i] = [∇²_{z_n} L]_ii
-        blocks.update(_assemble(site, a, d.detach()))
+        # r[t, i, n, t2, i2] = [∇²_z L][(n, t2, i2), (n, t, i)]; only i2 = i enters the diagonal
+        r = columns[:-1].detach().reshape(positions, width, batch, positions, width)
+        r = r.diagonal(dim1=1, dim2=4)  # (T, B, T, d_out): [t, n, t2, i]
+        if positions == 1:
+            blocks.update(_assemble(site, a, r[0, :, 0]))
+            continue
+        if site.weight is not None:
+            blocks[site.weight] = torch.einsum("anbi,naj,nbj->ij", r, a, a)
+        if site.bias is not None:
+            blocks[site.bias] = r.sum((0, 1, 2))
     return blocks
+
+
+Factor = tuple[Tensor, Tensor]  # columns (C, B, *O) of each sample's factor, signs (C, B)
 
 
 def ggn_diagonal_blocks(
     model: nn.Module,
     layout: ParamLayout,
     params: dict[str, Tensor],
-    criterion: Callable[..., Tensor],
     inputs: tuple[Any, ...],
-    target: Any,
     batch: int,
+    factor_of: Callable[[Tensor], Factor | None],
 ) -> dict[str, Tensor]:
     """Exact diagonal blocks of the GGN for the verified linear layers' parameters.
 
@@ -320,10 +352,11 @@ def ggn_diagonal_blocks(
         model: The module (in the state the caller set up).
         layout: The selected parameters.
         params: Their current values by name.
-        criterion: The loss of the outputs.
         inputs: The model's inputs.
-        target: The target.
         batch: The number of samples ``B`` (dim 0 of the inputs).
+        factor_of: The outputs ``f`` (detached) to the factor of their loss Hessian
+            (`exact_factor`) or a Monte-Carlo one (`sampled_factor`); ``None`` when there is
+            none per sample.
 
     Returns:
         ``{name: diagonal block}`` for the parameters the layer route covers.
@@ -340,7 +373,7 @@ def ggn_diagonal_blocks(
         found = _linear_records(sites, records, leaves, batch, _uses(f, leaves))
         if not found:
             return {}
-        factor = _output_factor(criterion, f.detach(), target, batch)
+        factor = factor_of(f.detach())
     if factor is None:
         return {}
     s, sign = factor  # (C, B, *O) columns of each sample's factor, (C, B) signs
@@ -352,17 +385,52 @@ def ggn_diagonal_blocks(
     by_name = {n: g[-1] for n, g in zip(names, got[len(found) :])}
     blocks: dict[str, Tensor] = {}
     for (site, a, _), m in zip(found, got[: len(found)]):
-        # m: (C + 1, B, d_out); the last row is the check probe's Jᵀ u.
-        if not _confined(m[-1], inside) or not _gradient_matches(site, a, m[-1], by_name):
+        # m: (C + 1, B, *positions, d_out); the last row is the check probe's Jᵀ u.
+        if not _confined(m[-1].reshape(batch, -1), inside):
             continue
-        d = (sign[:, :, None] * m[:-1].square()).sum(0)  # (B, d_out)
-        blocks.update(_assemble(site, a, d))
+        if not _gradient_matches(site, a, m[-1], by_name):
+            continue
+        m = m[:-1].reshape(m.shape[0] - 1, batch, a.shape[1], -1)  # (C, B, T, d_out)
+        if a.shape[1] == 1:
+            d = (sign[:, :, None] * m[:, :, 0].square()).sum(0)  # (B, d_out)
+            blocks.update(_assemble(site, a, d))
+        else:
+            blocks.update(_positions_ggn(site, a, m, sign))
     return blocks
+
+
+def _positions_ggn(site: Site, a: Tensor, m: Tensor, sign: Tensor) -> dict[str, Tensor]:
+    """``Σ_n Σ_c σ_c (Σ_t m[c, n, t, i] a[n, t, j])²`` (and the bias's), samples in chunks."""
+    c, batch, _, width = m.shape
+    per_sample = c * width * a.shape[-1]
+    step = max(1, _PROBE_ENTRIES // max(per_sample, 1))
+    weight = a.new_zeros(width, a.shape[-1]) if site.weight is not None else None
+    bias = a.new_zeros(width) if site.bias is not None else None
+    for lo in range(0, batch, step):
+        mc, ac, sc = m[:, lo : lo + step], a[lo : lo + step], sign[:, lo : lo + step]
+        if weight is not None:
+            q = torch.einsum("cnti,ntj->cnij", mc, ac)
+            weight += (sc[:, :, None, None] * q.square()).sum((0, 1))
+        if bias is not None:
+            bias += (sc[:, :, None] * mc.sum(2).square()).sum((0, 1))
+    out = {}
+    if site.weight is not None and weight is not None:
+        out[site.weight] = weight
+    if site.bias is not None and bias is not None:
+        out[site.bias] = bias
+    return out
+
+
+def exact_factor(
+    criterion: Callable[..., Tensor], target: Any, batch: int
+) -> Callable[[Tensor], Factor | None]:
+    """The exact factor of the outputs' loss Hessian, for `ggn_diagonal_blocks`."""
+    return lambda f: _output_factor(criterion, f, target, batch)
 
 
 def _output_factor(
     criterion: Callable[..., Tensor], f: Tensor, target: Any, batch: int
-) -> tuple[Tensor, Tensor] | None:
+) -> Factor | None:
     """Columns ``S_c`` (``(C, B, *O)``) and signs of each sample's outputs' loss Hessian.
 
     ``None`` when the loss couples samples (the GGN's diagonal is then not per sample).
@@ -378,7 +446,7 @@ def _output_factor(
         value = criterion_loss(criterion, leaf, target)
         (g,) = torch.autograd.grad(value, leaf, create_graph=True)
     check, inside = _subset_probe(batch, width, f, seed=1)
-    units = _unit_probes(batch, width, f)
+    units = _unit_probes(batch, (width,), f)
     probes = torch.cat([units, check[None]]).reshape(width + 1, *f.shape)
     if not g.requires_grad:  # a loss linear in the outputs: no curvature
         return torch.zeros(width, *f.shape, dtype=f.dtype, device=f.device), f.new_zeros(
@@ -397,7 +465,7 @@ def _output_factor(
 
 def _closed_factor(
     criterion: Callable[..., Tensor], f: Tensor, target: Any, batch: int
-) -> tuple[Tensor, Tensor] | None:
+) -> Factor | None:
     """The factor of cross-entropy's and MSE's outputs' Hessian in closed form, verified.
 
     Cross-entropy with class indices: ``w (diag p − p pᵀ) = S Sᵀ`` with
@@ -426,7 +494,7 @@ def _closed_factor(
     elif type(criterion) is nn.MSELoss and isinstance(target, Tensor) and target.shape == f.shape:
         w = 2.0 / f.numel() if reduction == "mean" else 2.0
         width = f[0].numel()
-        s = _unit_probes(batch, width, f).reshape(width, *f.shape) * w**0.5
+        s = _unit_probes(batch, (width,), f).reshape(width, *f.shape) * w**0.5
     else:
         return None
     sign = f.new_ones(s.shape[0], batch)
@@ -442,3 +510,51 @@ def _closed_factor(
     flat = s.reshape(s.shape[0], batch, -1)
     mine = (flat * (flat * probe.reshape(1, batch, -1)).sum(-1, keepdim=True)).sum(0)
     return (s, sign) if _close(mine.reshape(f.shape), hu, slack=1e4) else None
+
+
+def check_sampled(criterion: Any) -> None:
+    """Monte-Carlo GGN: the criterion must be a likelihood hesse can sample labels from."""
+    ok = (
+        type(criterion) is nn.CrossEntropyLoss
+        and criterion.weight is None
+        and criterion.label_smoothing == 0
+    ) or type(criterion) is nn.MSELoss
+    if not ok or getattr(criterion, "reduction", None) not in ("mean", "sum"):
+        raise ValueError(
+            f"criterion: the Monte-Carlo GGN samples labels from the model's predictive "
+            f"distribution, which hesse knows for nn.CrossEntropyLoss (no class weights or "
+            f"label smoothing; a categorical) and nn.MSELoss (a Gaussian), with reduction "
+            f"'mean' or 'sum'; got {criterion!r}. Use the exact diagonal() instead."
+        )
+
+
+def sampled_factor(
+    criterion: Any, batch: int, mc_samples: int, generator: torch.Generator
+) -> Callable[[Tensor], Factor | None]:
+    r"""A Monte-Carlo factor of the outputs' loss Hessian from sampled labels (``DiagGGNMC``).
+
+    Cross-entropy: $w(\operatorname{diag} p - p p^\top) = w\,\mathbb{E}_{\hat y \sim p}
+    [(p - e_{\hat y})(p - e_{\hat y})^\top]$, so column $m$ is $\sqrt{w/M}\,(p - e_{\hat
+    y_m})$, the gradient of the loss at a label drawn from the model. MSE: $c I =
+    c\,\mathbb{E}[\varepsilon \varepsilon^\top]$ with $\varepsilon \sim N(0, I)$, column
+    $\sqrt{c/M}\,\varepsilon_m$. Draws come from ``generator`` (on the CPU), so a seed
+    reproduces them on any device.
+    """
+
+    def factor(f: Tensor) -> Factor | None:
+        mean = criterion.reduction == "mean"
+        if type(criterion) is nn.CrossEntropyLoss:
+            if f.ndim != 2:
+                return None
+            w = 1.0 / batch if mean else 1.0
+            p = torch.softmax(f, dim=1)
+            labels = torch.multinomial(p.cpu(), mc_samples, replacement=True, generator=generator)
+            onehot = F.one_hot(labels.T.to(f.device), f.shape[1]).to(f.dtype)  # (M, B, C)
+            s = (p[None] - onehot) * (w / mc_samples) ** 0.5
+        else:
+            c = 2.0 / f.numel() if mean else 2.0
+            noise = torch.randn((mc_samples, *f.shape), generator=generator, dtype=f.dtype)
+            s = noise.to(f.device) * (c / mc_samples) ** 0.5
+        return s, f.new_ones(mc_samples, batch)
+
+    return factor

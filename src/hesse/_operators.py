@@ -26,19 +26,28 @@ from torch.func import grad, vjp, vmap
 
 from hesse._curvature import check_independent_samples, dense, diagonal, loss_curvature
 from hesse._data import Batch, Dataset, as_dataset
-from hesse._distributed import Shard, resolve_shard
+from hesse._distributed import Shard, global_seed, resolve_shard
 from hesse._functional import criterion_loss, evaluate, loss, sample_loss_function
-from hesse._layers import ggn_diagonal_blocks
+from hesse._layers import (
+    Factor,
+    check_sampled,
+    exact_factor,
+    ggn_diagonal_blocks,
+    sampled_factor,
+)
 from hesse._layout import ParamLayout, Params
 from hesse._memory import TARGET_COLUMNS, plan_chunk
 from hesse._protocol import Operator
 from hesse._state import check_training, model_scope
 from hesse._transforms import Fallbacks, Strategy
 from hesse._validate import (
+    Seed,
     check_criterion,
     check_finite,
     check_model,
     check_scalar_loss,
+    check_seed,
+    integer,
     normal_tensor,
     normalize_inputs,
 )
@@ -898,20 +907,70 @@ class GGNOperator(CurvatureOperator):
             ]
         )(tangents)
 
+    def mc_diagonal(self, mc_samples: int = 1, *, seed: Seed = None) -> Tensor:
+        r"""A Monte-Carlo estimate of the diagonal from labels sampled from the model.
+
+        As BackPACK's ``DiagGGNMC``: the outputs' loss Hessian $H_f$ is replaced by
+        $\frac{1}{M}\sum_m g_m g_m^\top$, $g_m$ the loss gradient in the outputs at a
+        label drawn from the model's predictive distribution, whose expectation is
+        $H_f$ (cross-entropy: a categorical over the softmax; MSE: a Gaussian). The
+        estimate is unbiased and costs ``mc_samples`` backward passes per batch instead of
+        one per output entry. Parameters of verified linear layers are sampled; any
+        other parameter (a convolution, a norm layer) gets its exact value, a zero-variance
+        special case, at the cost of the exact diagonal.
+
+        Args:
+            mc_samples: Labels drawn per sample, ``M >= 1``.
+            seed: An int or a ``torch.Generator`` (on the CPU) for the labels; ``None``
+                draws a seed from torch's global generator.
+
+        Returns:
+            ``(N,)`` in the operator's dtype, weighted over batches like `diagonal`.
+
+        Raises:
+            ValueError: ``criterion`` is not ``nn.CrossEntropyLoss`` (without class weights
+                or label smoothing) or ``nn.MSELoss`` with reduction ``"mean"``/``"sum"``;
+                ``mc_samples < 1``.
+            TypeError: ``mc_samples`` is not an int; ``seed`` is not an int, a generator or
+                None.
+
+        Examples:
+            With MSE every draw is a Gaussian vector; many draws approach `diagonal`:
+
+            >>> _ = torch.manual_seed(0)
+            >>> model = torch.nn.Linear(3, 2).double()
+            >>> X, y = torch.randn(50, 3).double(), torch.randn(50, 2).double()
+            >>> G = GGNOperator(model, torch.nn.MSELoss(), (X, y))
+            >>> estimate = G.mc_diagonal(mc_samples=4000, seed=0)
+            >>> bool(torch.allclose(estimate, G.diagonal(), rtol=0.1))
+            True
+        """
+        check_sampled(self.criterion)
+        mc_samples = integer("mc_samples", mc_samples, 1)
+        seed = check_seed(seed)
+        if isinstance(seed, torch.Generator):
+            generator = seed
+        else:
+            generator = torch.Generator().manual_seed(global_seed() if seed is None else seed)
+        with self.session():
+            out = self._state.theta.new_zeros(self.layout.numel)
+
+            def per_batch(batch: Batch) -> Tensor:
+                factor = sampled_factor(self.criterion, batch.size, mc_samples, generator)
+                return self._layered_diagonal(batch, factor)
+
+            return self._accumulate(per_batch, out)
+
     def _batch_diagonal(self, batch: Batch) -> Tensor:
         # Linear layers whose weights enter once per sample: through their outputs, C backward
         # passes for all of them (`hesse._layers`); any other parameter: the general path.
+        return self._layered_diagonal(batch, exact_factor(self.criterion, batch.target, batch.size))
+
+    def _layered_diagonal(self, batch: Batch, factor: Callable[[Tensor], Factor | None]) -> Tensor:
         theta = self._state.theta
-        first = batch.inputs[0] if batch.inputs else None
-        size = first.shape[0] if isinstance(first, Tensor) and first.ndim > 0 else 0
+        params = self.layout.unflatten(theta)
         blocks = ggn_diagonal_blocks(
-            self.model,
-            self.layout,
-            self.layout.unflatten(theta),
-            self.criterion,
-            batch.inputs,
-            batch.target,
-            size,
+            self.model, self.layout, params, batch.inputs, batch.size, factor
         )
         out = self._general_diagonal(batch) if len(blocks) < len(self.layout.names) else None
         if out is None:

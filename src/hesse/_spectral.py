@@ -20,7 +20,7 @@ from torch import Tensor
 
 from hesse._distributed import Shard, global_seed
 from hesse._protocol import Operator, SymmetricOperator
-from hesse._validate import check_seed, check_tolerance, integer, positive_float
+from hesse._validate import Seed, check_seed, check_tolerance, integer, positive_float
 
 __all__ = [
     "EigenResult",
@@ -33,7 +33,6 @@ __all__ = [
     "trace",
 ]
 
-Seed = int | torch.Generator | None
 _WHICH = ("LA", "SA", "LM")
 # Below this size a dense eigendecomposition is cheaper and exact.
 DENSE_LIMIT = 256

@@ -13,7 +13,10 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from hesse._layout import ParamLayout
 
+Seed = int | torch.Generator | None  # an explicit seed, a generator, or torch's global one
+
 __all__ = [
+    "Seed",
     "batch_size",
     "check_chunk_size",
     "check_criterion",
