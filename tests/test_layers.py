@@ -310,6 +310,11 @@ def test_closed_form_and_general_output_factors_agree() -> None:
         expected = oracle_ggn(model, nn.CrossEntropyLoss(reduction=reduction), x, y).diagonal()
         assert_close(closed.diagonal(), expected)
         assert_close(general.diagonal(), expected)
+    # An instance whose forward was patched keeps its type: the gradient check catches it.
+    patched = nn.CrossEntropyLoss()
+    patched.forward = lambda out, t: 2 * F.cross_entropy(out, t) + out.pow(4).mean()  # type: ignore[method-assign]
+    expected = oracle_ggn(model, patched, x, y).diagonal()
+    assert_close(hesse.GGNOperator(model, patched, (x, y)).diagonal(), expected)
 
 
 def test_unequal_batches_are_weighted_like_products() -> None:
