@@ -418,3 +418,29 @@ def test_layers_applied_at_many_positions_take_the_token_route() -> None:
     )
     expected = oracle_ggn(model, crit, x, y).diagonal()
     assert_close(hesse.GGNOperator(model, crit, (x, y)).diagonal(), expected)
+
+
+def test_model_hessian_diagonal_takes_the_route_per_sample_and_output() -> None:
+    from cases import oracle_model_hessian
+
+    from hesse._layers import model_diagonal_blocks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Unflatten(1, (2, 2)))
+    model = model.to(F64)
+    x = _randn(3, 6)
+    layout = ParamLayout.from_module(model)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    blocks = model_diagonal_blocks(model, layout, params, (x,), 3, (2, 2))
+    assert set(blocks) == {n for n, _ in model.named_parameters()}  # 4 x d_out probes per layer
+    assert blocks["0.weight"].shape == (3, 2, 2, 5, 6)
+    expected = oracle_model_hessian(Case("m", model, (x,), x, nn.MSELoss())).diagonal(
+        dim1=-2, dim2=-1
+    )
+    assert_close(hesse.model_hessian_diagonal(model, x), expected)
+    tokens = Tokens().to(F64)
+    xt = _randn(4, 48)
+    expected = oracle_model_hessian(Case("t", tokens, (xt,), xt, nn.MSELoss())).diagonal(
+        dim1=-2, dim2=-1
+    )
+    assert_close(hesse.model_hessian_diagonal(tokens, xt), expected)

@@ -25,7 +25,7 @@ from hesse._functional import (
     sample_loss_function,
     sample_model_function,
 )
-from hesse._layers import hessian_diagonal_blocks
+from hesse._layers import hessian_diagonal_blocks, model_diagonal_blocks
 from hesse._layout import ParamLayout
 from hesse._memory import Alternative, activation_bytes, plan_chunk
 from hesse._transforms import (
@@ -108,7 +108,11 @@ def sample_model_curvature(
         g = sample_model_function(model, sub.unflatten, sample_shape)
         return b * activation_bytes(lambda t: g(t, *(x[0] for x in args)), theta)
 
-    return Curvature(model, layout, (b, *sample_shape), columns, activations)
+    def layered(theta: Tensor) -> dict[str, Tensor]:
+        # The batch evaluated at once equals each sample alone: the callers check independence.
+        return model_diagonal_blocks(model, layout, layout.unflatten(theta), args, b, sample_shape)
+
+    return Curvature(model, layout, (b, *sample_shape), columns, activations, layered)
 
 
 def loss_curvature(

@@ -45,6 +45,7 @@ __all__ = [
     "ggn_diagonal_blocks",
     "hessian_diagonal_blocks",
     "linear_sites",
+    "model_diagonal_blocks",
     "sampled_factor",
 ]
 
@@ -327,6 +328,94 @@ def hessian_diagonal_blocks(
             blocks[site.weight] = torch.einsum("anbi,naj,nbj->ij", r, a, a)
         if site.bias is not None:
             blocks[site.bias] = r.sum((0, 1, 2))
+    return blocks
+
+
+def model_diagonal_blocks(
+    model: nn.Module,
+    layout: ParamLayout,
+    params: dict[str, Tensor],
+    inputs: tuple[Any, ...],
+    batch: int,
+    sample_shape: tuple[int, ...],
+) -> dict[str, Tensor]:
+    """Exact per-sample, per-output diagonal blocks of the model's Hessian, by layers.
+
+    For output entry ``o`` of sample ``n``, ``∂²f_no/∂W_ij² = Σ_{t,t'} a_ntj a_nt'j
+    [∇²_{z_n} f_no]_{(t,i),(t',i)}``. One batched backward pass gives ``∇_z f_o`` for every
+    output entry and layer (with its graph); per layer, one more gives the needed entries, the
+    probe ``e_(t,i)`` placed in every sample of output slot ``o``.
+
+    Args:
+        model: The module (in the state the caller set up).
+        layout: The selected parameters.
+        params: Their current values by name.
+        inputs: The model's inputs, a batch of ``B`` samples.
+        batch: ``B``.
+        sample_shape: The shape of one sample's output ``O``.
+
+    Returns:
+        ``{name: (B, *O, *shape)}`` for the parameters the layer route covers.
+    """
+    sites = linear_sites(model, layout)
+    outputs = math.prod(sample_shape)
+    if not sites or batch == 0 or outputs > _PROBES:
+        return {}
+    leaves = {n: params[n].detach().requires_grad_() for n in layout.names}
+    with torch.enable_grad():
+        with _recording(sites) as records:
+            f = evaluate(model, leaves, inputs)
+        if not isinstance(f, Tensor) or not f.requires_grad or f.shape != (batch, *sample_shape):
+            return {}
+        found = _linear_records(sites, records, leaves, batch, _uses(f, leaves))
+        found = [
+            (site, a, z)
+            for site, a, z in found
+            if outputs * z[0].numel() < sum(leaves[n].numel() for n in site.names)
+        ]
+        if not found:
+            return {}
+        names = [n for site, _, _ in found for n in site.names]
+        check, inside = _subset_probe(batch, outputs, f, seed=0)
+        units = _unit_probes(batch, (outputs,), f).reshape(outputs, *f.shape)
+        probes = torch.cat([units, check.reshape(1, *f.shape)])
+        got = torch.autograd.grad(
+            f,
+            [z for _, _, z in found] + [leaves[n] for n in names],
+            probes,
+            create_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    by_name = {
+        n: _zeros_batched(g, leaves[n], outputs + 1)[-1] for n, g in zip(names, got[len(found) :])
+    }
+    blocks: dict[str, Tensor] = {}
+    for (site, a, z), g in zip(found, got[: len(found)]):
+        if g is None:
+            continue
+        if not _confined(g[-1].reshape(batch, -1), inside) or not _gradient_matches(
+            site, a, g[-1], by_name
+        ):
+            continue
+        positions, width = a.shape[1], z.shape[-1]
+        per = positions * width
+        if g.requires_grad:
+            # probe (o, t, i): e_(t, i) in every sample of slot o, zero in the other slots
+            eye = torch.eye(outputs * per, dtype=z.dtype, device=z.device)
+            second = eye.reshape(outputs * per, outputs, 1, per).expand(-1, -1, batch, -1)
+            with torch.enable_grad():
+                (columns,) = _batched_grad(g[:-1], [z], second.reshape(-1, outputs, *z.shape))
+        else:  # the outputs are linear in z (the last layer): no curvature through it
+            columns = z.new_zeros(outputs * per, *z.shape)
+        r = columns.detach().reshape(outputs, positions, width, batch, positions, width)
+        r = r.diagonal(dim1=2, dim2=5)  # (O, T, B, T, d_out): [o, t, n, t2, i]
+        lead = (batch, *sample_shape)
+        if site.weight is not None:
+            w = torch.einsum("otnsi,ntj,nsj->noij", r, a, a)
+            blocks[site.weight] = w.reshape(*lead, *leaves[site.weight].shape)
+        if site.bias is not None:
+            blocks[site.bias] = r.sum((1, 3)).permute(1, 0, 2).reshape(*lead, width)
     return blocks
 
 
