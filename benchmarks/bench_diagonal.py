@@ -1,10 +1,14 @@
-"""Exact Hessian diagonals: hesse side by side with BackPACK's DiagHessian and torch.func.
+"""Exact diagonals: hesse side by side with BackPACK (DiagHessian, DiagGGNExact, DiagGGNMC),
+torch.func and hesse's own general path.
 
     python benchmarks/bench_diagonal.py           # full run, rewrites its docs/benchmarks.md table
     python benchmarks/bench_diagonal.py --quick   # small sizes, prints only
 
-Time: the loss Hessian's diagonal of a cross-entropy MLP 64-64-48-10 (Tanh), batch 256,
-float32 (N = 7,770). Agreement: the same diagonal in float64, hesse against BackPACK. Coverage:
+Time: the loss Hessian's and the GGN's diagonal of a cross-entropy MLP 64-64-48-10 (Tanh),
+batch 256, float32 (N = 7,770); a small ResNet-style CNN (BatchNorm in eval mode) and a
+one-block transformer, where only some layers take the layer route, against hesse's general
+path (one Hessian column per parameter) with the route switched off. Agreement: the same
+diagonal in float64, hesse against BackPACK. Coverage:
 small float64 models outside BackPACK's module list (LayerNorm, attention, tied weights, a
 residual branch), each compared with ``torch.autograd.functional.hessian``; what BackPACK does
 with each is reported as it happens. BackPACK always works on a deep copy: ``extend()`` rewires
@@ -19,6 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +70,130 @@ def hesse_call(widths: list[int], batch: int) -> Callable[[], Any]:
 def backpack_call(widths: list[int], batch: int) -> Callable[[], Any]:
     model, crit, x, y = problem(widths, batch)
     return lambda: backpack_diagonal(model, crit, x, y)
+
+
+def general(call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` with the layer route switched off: hesse's general path for every parameter."""
+
+    def run() -> Any:
+        with (
+            mock.patch("hesse._curvature.hessian_diagonal_blocks", return_value={}),
+            mock.patch("hesse._operators.ggn_diagonal_blocks", return_value={}),
+        ):
+            return call()
+
+    return run
+
+
+def backpack_ggn(model: nn.Module, criterion: nn.Module, x: Tensor, y: Tensor, mc: int = 0) -> Any:
+    """BackPACK's DiagGGNExact (or DiagGGNMC with ``mc`` samples), flattened."""
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact, DiagGGNMC
+
+    copied = extend(copy.deepcopy(model))
+    loss_fn = extend(copy.deepcopy(criterion))
+    extension = DiagGGNMC(mc_samples=mc) if mc else DiagGGNExact()
+    attr = "diag_ggn_mc" if mc else "diag_ggn_exact"
+
+    def run() -> Tensor:
+        loss = loss_fn(copied(x), y)
+        with backpack(extension):
+            loss.backward()
+        return torch.cat([getattr(p, attr).reshape(-1) for p in copied.parameters()])
+
+    return run
+
+
+def ggn_call(widths: list[int], batch: int) -> Callable[[], Any]:
+    model, crit, x, y = problem(widths, batch)
+    op = hesse.GGNOperator(model, crit, (x, y))
+    return op.diagonal
+
+
+def mc_call(widths: list[int], batch: int) -> Callable[[], Any]:
+    model, crit, x, y = problem(widths, batch)
+    op = hesse.GGNOperator(model, crit, (x, y))
+    return lambda: op.mc_diagonal(mc_samples=1, seed=0)
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+def cnn_problem() -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    """ResNet-style: two residual blocks of 8 channels, BatchNorm in eval mode, batch 32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        Block(8),
+        Block(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    ).eval()
+    return model, nn.CrossEntropyLoss(), torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm: attention with q/k/v/out projections as nn.Linear, then a token-wise MLP."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = self.n1(x)
+
+        def split(z: Tensor) -> Tensor:
+            return z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        att = nn.functional.scaled_dot_product_attention(
+            split(self.q(h)), split(self.k(h)), split(self.v(h))
+        )
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(torch.tanh(self.up(self.n2(x))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab: int = 32, d: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.block = TransformerBlock(d, heads=2)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.block(self.embed(tokens)).mean(1))
+
+
+def transformer_problem() -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    """One block, d = 16, 2 heads, 8 tokens per sample, batch 32, 10 classes."""
+    torch.manual_seed(0)
+    model = Transformer().eval()
+    return model, nn.CrossEntropyLoss(), torch.randint(0, 32, (32, 8)), torch.randint(0, 10, (32,))
+
+
+def structured(build: Callable[[], Any], kind: str) -> Callable[[], Callable[[], Any]]:
+    def factory() -> Callable[[], Any]:
+        model, crit, x, y = build()
+        if kind == "hessian":
+            return lambda: hesse.loss_hessian_diagonal(model, crit, x, y)
+        return hesse.GGNOperator(model, crit, (x, y)).diagonal
+
+    return factory
 
 
 def func_call(widths: list[int], batch: int) -> Callable[[], Any]:
@@ -175,46 +304,140 @@ def coverage() -> list[tuple[str, str, str]]:
     return rows
 
 
+def _backpack_ggn_call(widths: list[int], batch: int, mc: int = 0) -> Callable[[], Any]:
+    return backpack_ggn(*problem(widths, batch), mc=mc)
+
+
 SPECS: dict[str, Callable[[], Callable[[], Any]]] = {
     "diag/hesse": lambda: hesse_call(WIDTHS, BATCH),
     "diag/backpack": lambda: backpack_call(WIDTHS, BATCH),
+    "diag/general": lambda: general(hesse_call(WIDTHS, BATCH)),
     "diag/func": lambda: func_call(WIDTHS, BATCH),
+    "ggn/hesse": lambda: ggn_call(WIDTHS, BATCH),
+    "ggn/backpack": lambda: _backpack_ggn_call(WIDTHS, BATCH),
+    "ggn/general": lambda: general(ggn_call(WIDTHS, BATCH)),
+    "mc/hesse": lambda: mc_call(WIDTHS, BATCH),
+    "mc/backpack": lambda: _backpack_ggn_call(WIDTHS, BATCH, mc=1),
+    "cnn/hesse": structured(cnn_problem, "hessian"),
+    "cnn/general": lambda: general(structured(cnn_problem, "hessian")()),
+    "cnnggn/hesse": structured(cnn_problem, "ggn"),
+    "cnnggn/general": lambda: general(structured(cnn_problem, "ggn")()),
+    "tf/hesse": structured(transformer_problem, "hessian"),
+    "tf/general": lambda: general(structured(transformer_problem, "hessian")()),
+    "tfggn/hesse": structured(transformer_problem, "ggn"),
+    "tfggn/general": lambda: general(structured(transformer_problem, "ggn")()),
     "quick/hesse": lambda: hesse_call([8, 16, 4], 32),
     "quick/backpack": lambda: backpack_call([8, 16, 4], 32),
+    "quick/general": lambda: general(hesse_call([8, 16, 4], 32)),
     "quick/func": lambda: func_call([8, 16, 4], 32),
 }
 WARM = ("quick/hesse", "quick/backpack")
+GROUPS = {
+    "diag": ["diag/hesse", "diag/backpack", "diag/general", "diag/func"],
+    "ggn": ["ggn/hesse", "ggn/backpack", "ggn/general", "mc/hesse", "mc/backpack"],
+    "structured": [
+        "cnn/hesse",
+        "cnn/general",
+        "cnnggn/hesse",
+        "cnnggn/general",
+        "tf/hesse",
+        "tf/general",
+        "tfggn/hesse",
+        "tfggn/general",
+    ],
+}
 
 
-def agreement() -> float:
+def backpack_on(build: Callable[[], Any]) -> str:
+    """What BackPACK's DiagHessian does with a model, as it happens."""
+    try:
+        backpack_diagonal(*build())
+    except Exception as err:
+        return f"raises `{f'{type(err).__name__}: {err}'.splitlines()[0][:90]}`"
+    return "runs"
+
+
+def _params(build: Callable[[], Any]) -> int:
+    return sum(p.numel() for p in build()[0].parameters())
+
+
+def agreement() -> tuple[float, float]:
     model, crit, x, y = problem(WIDTHS, BATCH, torch.float64)
-    return _relative(
+    hessian = _relative(
         hesse.loss_hessian_diagonal(model, crit, x, y), backpack_diagonal(model, crit, x, y)
     )
+    ggn = _relative(
+        hesse.GGNOperator(model, crit, (x, y)).diagonal(), backpack_ggn(model, crit, x, y)()
+    )
+    return hessian, ggn
 
 
-def report(results: dict[str, dict[str, Any]], rounds: int, agree: float, rows: list[Any]) -> str:
+def report(
+    results: dict[str, dict[str, Any]],
+    rounds: int,
+    agree: tuple[float, float],
+    rows: list[Any],
+    backpack_rows: dict[str, str],
+) -> str:
     n = sum(p.numel() for p in mlp(WIDTHS).parameters())
+
+    def t(spec: str) -> str:
+        return seconds(results, spec, "ms")
+
     lines = [
         "Command: `python benchmarks/bench_diagonal.py`  ",
         f"{THREADS} threads, float32, medians of {rounds} round-robin rounds; BackPACK "
-        "works on a deep copy of the model.",
+        "works on a deep copy of the model. The general path is hesse with the layer route "
+        "switched off (one Hessian column per parameter, vectorised).",
         "",
-        f"### Exact loss-Hessian diagonal, CE MLP 64-64-48-10 (Tanh), batch {BATCH}, N = {n:,}",
+        f"### CE MLP 64-64-48-10 (Tanh), batch {BATCH}, N = {n:,}",
         "",
-        "| method | time | ratio (range over rounds) |",
-        "| --- | --- | --- |",
-        f"| `hesse.loss_hessian_diagonal` | {seconds(results, 'diag/hesse')} | 1.00× |",
-        f"| BackPACK `DiagHessian` | {seconds(results, 'diag/backpack', 'ms')} | "
+        "| diagonal | method | time | ratio (range over rounds) |",
+        "| --- | --- | --- | --- |",
+        f"| Hessian | `hesse.loss_hessian_diagonal` | {t('diag/hesse')} | 1.00× |",
+        f"| Hessian | BackPACK `DiagHessian` | {t('diag/backpack')} | "
         f"hesse takes {ratio(results, 'diag/hesse', 'diag/backpack')} BackPACK's time |",
-        f"| `torch.func.hessian(...).diagonal()` by hand | {seconds(results, 'diag/func')} | "
+        f"| Hessian | hesse, general path | {t('diag/general')} | "
+        f"{ratio(results, 'diag/general', 'diag/hesse')} of hesse's time |",
+        f"| Hessian | `torch.func.hessian(...).diagonal()` by hand | {t('diag/func')} | "
         f"{ratio(results, 'diag/func', 'diag/hesse')} of hesse's time |",
+        f"| GGN | `GGNOperator(...).diagonal()` | {t('ggn/hesse')} | 1.00× |",
+        f"| GGN | BackPACK `DiagGGNExact` | {t('ggn/backpack')} | "
+        f"hesse takes {ratio(results, 'ggn/hesse', 'ggn/backpack')} BackPACK's time |",
+        f"| GGN | hesse, general path | {t('ggn/general')} | "
+        f"{ratio(results, 'ggn/general', 'ggn/hesse')} of hesse's time |",
+        f"| GGN, Monte-Carlo (1 sample) | `GGNOperator(...).mc_diagonal(1)` | {t('mc/hesse')} | "
+        "1.00× |",
+        f"| GGN, Monte-Carlo (1 sample) | BackPACK `DiagGGNMC(1)` | {t('mc/backpack')} | "
+        f"hesse takes {ratio(results, 'mc/hesse', 'mc/backpack')} BackPACK's time |",
         "",
-        f"hesse and BackPACK agree in float64 to a max relative difference of {agree:.1e}.",
-        "BackPACK propagates the diagonal through each supported layer in a few backward",
-        "passes (one per output class); hesse's exact diagonal is one Hessian-vector product",
-        "per parameter (N products, vectorised in chunks), the price of working on any model",
-        "`torch.func` can differentiate, including those below.",
+        f"In float64 hesse and BackPACK agree to a max relative difference of {agree[0]:.1e} "
+        f"(Hessian) and {agree[1]:.1e} (GGN). hesse's route: one batched product per linear "
+        "layer with the probes e_i in every sample (Hessian), one backward pass per column of "
+        "the outputs' loss-Hessian factor for all layers at once (GGN), each layer checked on "
+        "the batch first; see the [diagonals how-to](how-to/diagonals.md).",
+        "",
+        "### Where only some layers take the route (BackPACK's answer as it happens)",
+        "",
+        "| model | diagonal | hesse | general path | speed-up | BackPACK `DiagHessian` |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, label, build in (
+        (
+            "cnn",
+            "ResNet-style CNN, 2 residual blocks of 8 channels, BatchNorm (eval), batch 32",
+            cnn_problem,
+        ),
+        ("tf", "one-block transformer, d = 16, 8 tokens, batch 32", transformer_problem),
+    ):
+        n_model = _params(build)
+        for kind, spec in (("Hessian", key), ("GGN", f"{key}ggn")):
+            lines.append(
+                f"| {label}, N = {n_model:,} | {kind} | {t(spec + '/hesse')} | "
+                f"{t(spec + '/general')} | {ratio(results, spec + '/general', spec + '/hesse')} | "
+                f"{backpack_rows.get(key, '–') if kind == 'Hessian' else ''} |"
+            )
+    lines += [
         "",
         "### Models outside BackPACK's module list (float64, cross-entropy, 16 samples)",
         "",
@@ -236,16 +459,19 @@ def main() -> None:
     print("coverage:", flush=True)
     rows = coverage()
     agree = agreement()
-    print(f"agreement (float64): {agree:.1e}", flush=True)
-    group = "quick" if args.quick else "diag"
-    names = [f"{group}/hesse", f"{group}/backpack", f"{group}/func"]
-    results = measure_times(__file__, names, args.rounds)
+    print(f"agreement (float64): Hessian {agree[0]:.1e}, GGN {agree[1]:.1e}", flush=True)
+    backpack_rows = {"cnn": backpack_on(cnn_problem), "tf": backpack_on(transformer_problem)}
+    print(f"BackPACK on the structured models: {backpack_rows}", flush=True)
     if args.quick:
-        results = {k.replace("quick/", "diag/"): v for k, v in results.items()}
-    table = report(results, args.rounds, agree, rows)
+        results = measure_times(__file__, ["quick/hesse", "quick/backpack", "quick/general"], 2)
+        print({k: v.get("median_s") for k, v in results.items()})
+        return
+    results = {}
+    for names in GROUPS.values():
+        results.update(measure_times(__file__, names, args.rounds))
+    table = report(results, args.rounds, agree, rows, backpack_rows)
     print("\n" + table)
-    if not args.quick:
-        write_docs("diagonal", table)
+    write_docs("diagonal", table)
 
 
 if __name__ == "__main__":

@@ -444,3 +444,14 @@ def test_model_hessian_diagonal_takes_the_route_per_sample_and_output() -> None:
         dim1=-2, dim2=-1
     )
     assert_close(hesse.model_hessian_diagonal(tokens, xt), expected)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
+def test_an_empty_layer_is_no_trouble() -> None:
+    model = nn.Sequential(nn.Linear(3, 0), nn.Flatten(), nn.Linear(0, 2)).to(F64)
+    x, y = _randn(4, 3), _randn(4, 2, seed=1)
+    for op in (
+        hesse.HessianOperator(model, nn.MSELoss(), (x, y)),
+        hesse.GGNOperator(model, nn.MSELoss(), (x, y)),
+    ):
+        assert_close(op.diagonal(), op.to_dense().diagonal())
