@@ -459,9 +459,11 @@ class CurvatureOperator(Operator):
         """The exact diagonal, without forming the matrix.
 
         Returns:
-            ``(N,)`` in the operator's dtype, on its device. Per batch it costs N Hessian
-            columns for the Hessian, two vector-Jacobian products per output entry for the
-            GGN and one gradient per sample for the empirical Fisher.
+            ``(N,)`` in the operator's dtype, on its device. Per batch, parameters of
+            verified linear layers cost one product per output unit (Hessian) or one
+            backward pass per class for all of them (GGN); any other parameter one Hessian
+            column (Hessian) or two vector-Jacobian products per output entry (GGN). The
+            empirical Fisher costs one gradient per sample.
         """
         with self.session():
             out = self._state.theta.new_zeros(self.layout.numel)
