@@ -455,3 +455,45 @@ def test_an_empty_layer_is_no_trouble() -> None:
         hesse.GGNOperator(model, nn.MSELoss(), (x, y)),
     ):
         assert_close(op.diagonal(), op.to_dense().diagonal())
+
+
+# -------------------------------------------------------------- factored GGN products
+
+
+@pytest.mark.parametrize("criterion", ["ce", "mse", "ce_sum"])
+def test_factored_ggn_products_equal_the_oracle(criterion: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3)
+    )
+    model = model.to(F64)
+    x = _randn(9, 12)
+    if criterion == "mse":
+        crit: nn.Module = nn.MSELoss()
+        y: Tensor = _randn(9, 3, seed=1)
+    else:
+        crit = nn.CrossEntropyLoss(reduction="sum" if criterion == "ce_sum" else "mean")
+        y = torch.randint(0, 3, (9,), generator=_gen(1))
+    op = hesse.GGNOperator(model, crit, [(x[:4], y[:4]), (x[4:], y[4:])])
+    dense = oracle_ggn(model, crit, x, y)
+    v = torch.randn(op.shape[0], 5, generator=_gen(2), dtype=F64)
+    with state_preserved(model):
+        assert_close(op @ v, dense @ v)
+        assert_close(op @ v[:, 0], dense @ v[:, 0])
+        with op.session():  # a one-batch session keeps the factors
+            one = hesse.GGNOperator(model, crit, (x, y))
+            assert_close(one @ v, dense @ v)
+    assert not op._factored_off  # the factored path served these products
+    assert_close(
+        hesse.eigsh(op, k=2, seed=0).eigenvalues, torch.linalg.eigvalsh(dense)[-2:], rtol=1e-7
+    )
+
+
+def test_factored_ggn_steps_aside_where_a_parameter_is_off_the_route() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.LayerNorm(10), nn.Tanh(), nn.Linear(10, 3)).to(F64)
+    x, y = _randn(9, 12), torch.randint(0, 3, (9,), generator=_gen(1))
+    op = hesse.GGNOperator(model, nn.CrossEntropyLoss(), (x, y))
+    v = torch.randn(op.shape[0], 5, generator=_gen(2), dtype=F64)  # 4+ columns try the factors
+    assert_close(op @ v, oracle_ggn(model, nn.CrossEntropyLoss(), x, y) @ v)
+    assert op._factored_off

@@ -40,9 +40,13 @@ from hesse._functional import criterion_loss, evaluate
 from hesse._layout import ParamLayout
 
 __all__ = [
+    "FactoredGGN",
+    "GGNFactors",
     "check_sampled",
     "exact_factor",
+    "factored_ggn",
     "ggn_diagonal_blocks",
+    "ggn_factors",
     "hessian_diagonal_blocks",
     "linear_sites",
     "model_diagonal_blocks",
@@ -426,20 +430,33 @@ def model_diagonal_blocks(
 Factor = tuple[Tensor, Tensor]  # columns (C, B, *O) of each sample's factor, signs (C, B)
 
 
-def ggn_diagonal_blocks(
+@dataclass(frozen=True)
+class GGNFactors:
+    """The GGN of one batch through its verified linear layers.
+
+    ``layers``: per layer its site, input ``a`` ``(B, T, d_in)`` and ``m = J_zᵀ S``
+    ``(C, B, T, d_out)``, the outputs' Jacobian applied to each column of the factor of the
+    outputs' loss Hessian; ``sign``: ``(C, B)``. For parameters in these layers,
+    ``G = Σ_n Σ_c σ_nc (J_nᵀ s_nc)(J_nᵀ s_nc)ᵀ`` with ``J_nᵀ s_nc = m[c, n] ⊗ a_n``.
+    """
+
+    layers: tuple[tuple[Site, Tensor, Tensor], ...]
+    sign: Tensor
+
+
+def ggn_factors(
     model: nn.Module,
     layout: ParamLayout,
     params: dict[str, Tensor],
     inputs: tuple[Any, ...],
     batch: int,
     factor_of: Callable[[Tensor], Factor | None],
-) -> dict[str, Tensor]:
-    """Exact diagonal blocks of the GGN for the verified linear layers' parameters.
+) -> GGNFactors | None:
+    """The GGN's factors through the linear layers that pass every check on this batch.
 
-    The GGN of the outputs ``f`` is ``Jᵀ H_f J``. Per sample, ``H_f = V diag(λ) Vᵀ``; with
-    ``S = V |λ|^½`` the diagonal in a layer's outputs is ``Σ_c sign(λ_c) (J_zᵀ S_c)²``, where
+    The GGN of the outputs ``f`` is ``Jᵀ H_f J``. Per sample ``H_f = S diag(σ) Sᵀ``, and
     ``J_zᵀ S_c`` for every layer comes from one backward pass of ``f`` weighted by column
-    ``c`` of each sample's ``S``.
+    ``c`` of each sample's ``S``: ``C`` passes for all layers together.
 
     Args:
         model: The module (in the state the caller set up).
@@ -452,23 +469,23 @@ def ggn_diagonal_blocks(
             none per sample.
 
     Returns:
-        ``{name: diagonal block}`` for the parameters the layer route covers.
+        The factors of the layers that passed, or ``None`` when none did.
     """
     sites = linear_sites(model, layout)
     if not sites or batch == 0:
-        return {}
+        return None
     leaves = {n: params[n].detach().requires_grad_() for n in layout.names}
     with torch.enable_grad():
         with _recording(sites) as records:
             f = evaluate(model, leaves, inputs)
         if not isinstance(f, Tensor) or not f.requires_grad or f.ndim == 0 or f.shape[0] != batch:
-            return {}
+            return None
         found = _linear_records(sites, records, leaves, batch, _uses(f, leaves))
         if not found:
-            return {}
+            return None
         factor = factor_of(f.detach())
     if factor is None:
-        return {}
+        return None
     s, sign = factor  # (C, B, *O) columns of each sample's factor, (C, B) signs
     names = [n for site, _, _ in found for n in site.names]
     check, inside = _subset_probe(batch, s[0, 0].numel(), f, seed=0)
@@ -476,20 +493,117 @@ def ggn_diagonal_blocks(
     with torch.enable_grad():
         got = _batched_grad(f, [z for _, _, z in found] + [leaves[n] for n in names], probes)
     by_name = {n: g[-1] for n, g in zip(names, got[len(found) :])}
-    blocks: dict[str, Tensor] = {}
+    layers = []
     for (site, a, _), m in zip(found, got[: len(found)]):
         # m: (C + 1, B, *positions, d_out); the last row is the check probe's Jᵀ u.
         if not _confined(m[-1].reshape(batch, -1), inside):
             continue
         if not _gradient_matches(site, a, m[-1], by_name):
             continue
-        m = m[:-1].reshape(m.shape[0] - 1, batch, a.shape[1], -1)  # (C, B, T, d_out)
+        layers.append((site, a, m[:-1].reshape(m.shape[0] - 1, batch, a.shape[1], -1).detach()))
+    return GGNFactors(tuple(layers), sign) if layers else None
+
+
+def ggn_diagonal_blocks(
+    model: nn.Module,
+    layout: ParamLayout,
+    params: dict[str, Tensor],
+    inputs: tuple[Any, ...],
+    batch: int,
+    factor_of: Callable[[Tensor], Factor | None],
+) -> dict[str, Tensor]:
+    """Exact diagonal blocks of the GGN for the verified linear layers' parameters.
+
+    The diagonal in a layer's outputs is ``Σ_c σ_c (J_zᵀ S_c)²`` (`ggn_factors`).
+
+    Args:
+        model: The module (in the state the caller set up).
+        layout: The selected parameters.
+        params: Their current values by name.
+        inputs: The model's inputs.
+        batch: The number of samples ``B`` (dim 0 of the inputs).
+        factor_of: As for `ggn_factors`.
+
+    Returns:
+        ``{name: diagonal block}`` for the parameters the layer route covers.
+    """
+    factors = ggn_factors(model, layout, params, inputs, batch, factor_of)
+    if factors is None:
+        return {}
+    sign = factors.sign
+    blocks: dict[str, Tensor] = {}
+    for site, a, m in factors.layers:
         if a.shape[1] == 1:
             d = (sign[:, :, None] * m[:, :, 0].square()).sum(0)  # (B, d_out)
             blocks.update(_assemble(site, a, d))
         else:
             blocks.update(_positions_ggn(site, a, m, sign))
     return blocks
+
+
+class FactoredGGN:
+    """Products with the GGN of one batch from its factors, without autograd.
+
+    ``(G V)`` for parameters that all sit in verified linear layers on ``(B, d_in)`` inputs:
+    ``U[n, c] = σ_nc Σ_layers m[c, n] · (W_v a_n + b_v)`` (the outputs' factor applied to
+    ``J v``), then per layer ``Σ_n (Σ_c U[n, c] m[c, n]) ⊗ [a_n, 1]``: two matrix products per
+    layer and column, like a forward and a backward pass without the nonlinearities.
+    """
+
+    def __init__(self, factors: GGNFactors, layout: ParamLayout) -> None:
+        self.layout = layout
+        self.sign = factors.sign.T.contiguous()[:, :, None]  # (B, C, 1)
+        self.layers = []
+        for site, a, m in factors.layers:
+            ones = a.new_ones(a.shape[0], 1)
+            augmented = torch.cat([a[:, 0], ones], dim=1)  # (B, d_in + 1)
+            by_sample = m[:, :, 0].permute(1, 0, 2).contiguous()  # (B, C, d_out)
+            self.layers.append((site, augmented, by_sample, by_sample.transpose(1, 2).contiguous()))
+
+    def matmat(self, tangents: Tensor) -> Tensor:
+        """``(K, N) -> (K, N)``: each row multiplied by the batch's GGN."""
+        k = tangents.shape[0]
+        blocks = self.layout.unflatten(tangents)
+        u: Tensor | None = None
+        for site, a, m, _ in self.layers:
+            w = self._augmented(site, blocks, k, a)  # (d_in + 1, d_out * K), column (i, k)
+            y = (a @ w).view(a.shape[0], -1, k)  # (B, d_out, K): W_k a_n + b_k
+            step = torch.bmm(m, y)  # (B, C, K)
+            u = step if u is None else u + step
+        assert u is not None
+        u = u * self.sign
+        out = {}
+        for site, a, _, mt in self.layers:
+            p = torch.bmm(mt, u)  # (B, d_out, K)
+            d = p.shape[1]
+            full = (a.T @ p.view(-1, d * k)).view(-1, d, k)  # (d_in + 1, d_out, K)
+            if site.weight is not None:
+                out[site.weight] = full[:-1].permute(2, 1, 0)  # (K, d_out, d_in)
+            if site.bias is not None:
+                out[site.bias] = full[-1].T
+        return torch.cat([out[n].reshape(k, -1) for n in self.layout.names], dim=1)
+
+    @staticmethod
+    def _augmented(site: Site, blocks: dict[str, Tensor], k: int, a: Tensor) -> Tensor:
+        m = site.module
+        weight = (
+            blocks[site.weight]
+            if site.weight is not None
+            else a.new_zeros(k, m.out_features, m.in_features)
+        )
+        bias = blocks[site.bias] if site.bias is not None else a.new_zeros(k, m.out_features)
+        both = torch.cat([weight.permute(2, 1, 0), bias.T[None]], dim=0)  # (d_in + 1, d_out, K)
+        return both.reshape(m.in_features + 1, -1)
+
+
+def factored_ggn(factors: GGNFactors | None, layout: ParamLayout) -> FactoredGGN | None:
+    """`FactoredGGN` when every selected parameter is covered and every layer has T = 1."""
+    if factors is None:
+        return None
+    covered = {n for site, _, _ in factors.layers for n in site.names}
+    if covered != set(layout.names) or any(a.shape[1] != 1 for _, a, _ in factors.layers):
+        return None
+    return FactoredGGN(factors, layout)
 
 
 def _positions_ggn(site: Site, a: Tensor, m: Tensor, sign: Tensor) -> dict[str, Tensor]:
