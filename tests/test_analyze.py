@@ -177,6 +177,7 @@ def test_defaults_write_density_and_heatmap(
     assert report["analyses"] == ["top-5", "trace", "density"]
     assert report["analyses_named"] is False
     assert "analyses    top-5, trace, density (the defaults: no analysis was named)" in out
+    assert "--per-layer adds a table per layer" in out and "per_layer" not in report
     ns = _user_module(user_file)
     x, y = ns["data"]()
     h = _flat_loss_hessian(ns["model"](4), nn.CrossEntropyLoss(reduction="sum"), x, y)
@@ -238,7 +239,7 @@ def test_naming_one_analysis_runs_only_it_and_says_so(
         main(["analyze", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the flags' help
     assert "Naming any of them runs only the ones named (--density alone: no eigenvalues" in text
-    for flag in ("--top-k K", "--bottom-k K", "--trace", "--density"):
+    for flag in ("--top-k K", "--bottom-k K", "--trace", "--density", "--per-layer"):
         after = text.split(f" {flag} ", 1)[1]
         assert after.split(" --", 1)[0].endswith(
             "naming any analysis runs only those named (none named: top-5, trace, density)"
@@ -347,6 +348,98 @@ def test_one_progress_bar_per_step_and_none_per_product(
         assert bar["total"] in (None, bar["count"]), bar
 
 
+def _dense_block(dense: torch.Tensor, layout: hesse.ParamLayout, names: list[str]) -> torch.Tensor:
+    index = torch.cat([torch.arange(layout.numel)[layout.slice(n)] for n in names])
+    return dense[index][:, index]
+
+
+def test_per_layer_on_the_operator(
+    user_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """N = 403: a row per module, its trace exact from the operator's diagonal and its top
+    eigenvalue against the dense block; only the named analysis runs; one progress bar."""
+    bars = _Bars()
+    fake = SimpleNamespace(tqdm=bars.tqdm, auto=SimpleNamespace(tqdm=bars.tqdm))
+    monkeypatch.setitem(sys.modules, "tqdm", fake)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", fake.auto)
+    status, out, err = _run(
+        ["analyze", f"{user_file}:setup", "--per-layer", "--out", str(tmp_path)], capsys
+    )
+    assert status == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["analyses"] == ["per-layer"] and report["analyses_named"] is True
+    assert not {"top", "trace", "density", "dense"} & set(report)
+    section = report["per_layer"]
+    assert section["by"] == "module" and section["source"] == "operator"
+    ns = _user_module(user_file)
+    model, criterion, data = ns["setup"]()
+    op = hesse.HessianOperator(model, criterion, data)
+    dense = op.to_dense()
+    rows = section["rows"]
+    assert [(r["name"], r["params"], r["numel"]) for r in rows] == [
+        ("0", ["0.weight", "0.bias"], 280),  # above 256: Lanczos
+        ("2", ["2.weight", "2.bias"], 123),  # dense block
+    ]
+    for row in rows:
+        block = _dense_block(dense, op.layout, row["params"])
+        assert row["trace"] == pytest.approx(block.trace().item(), rel=1e-10)
+        assert row["trace_exact"] and row["trace_stderr"] == 0.0
+        assert row["trace_per_numel"] == pytest.approx(row["trace"] / row["numel"])
+        top = torch.linalg.eigvalsh(block)[-1].item()
+        assert row["top_eigenvalue"] == pytest.approx(top, rel=1e-7) and row["converged"]
+    assert section["total_trace"] == pytest.approx(dense.trace().item(), rel=1e-10)
+    assert section["num_matvecs"] == sum(r["num_matvecs"] for r in rows)
+    # One bar: the summary's products and the N of the exact diagonal.
+    assert [bar["desc"] for bar in bars.made] == ["per-layer"]
+    assert bars.made[0]["count"] == section["num_matvecs"] + 403
+    # The table, as printed.
+    assert "analyses    per-layer (named; " in out
+    assert "per-layer   by module (exact traces from the diagonal; " in out
+    table = out.split("per-layer   by module", 1)[1].splitlines()[1:5]
+    header = "name numel trace ± stderr trace/numel top eigenvalue"
+    assert table[0].split() == header.split()
+    for line, row in zip(table[1:3], rows):
+        assert line.split()[:3] == [row["name"], str(row["numel"]), f"{row['trace']:.6e}"]
+        assert line.split()[-1] == f"{row['top_eigenvalue']:.6e}"
+    assert table[3].split()[:3] == ["total", "403", f"{section['total_trace']:.6e}"]
+    if _analyze.have_matplotlib():
+        assert report["figures"] == ["per_layer.png"]
+        assert (tmp_path / "per_layer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_per_layer_per_parameter_from_the_dense_matrix(
+    user_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """N = 43: the blocks come from the dense matrix, exactly, with the other analyses named;
+    their traces add up to the trace."""
+    args = ["analyze", f"{user_file}:tiny", "--per-layer", "--per-layer-by", "parameter"]
+    status, out, err = _run([*args, "--trace", "--no-progress", "--out", str(tmp_path)], capsys)
+    assert status == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["analyses"] == ["trace", "per-layer"]
+    section = report["per_layer"]
+    assert section["by"] == "parameter" and section["source"] == "dense matrix"
+    assert section["num_matvecs"] == 0  # no product beyond the dense matrix's 43
+    ns = _user_module(user_file)
+    x, y = ns["data"]()
+    h = _flat_loss_hessian(ns["model"](4), nn.CrossEntropyLoss(reduction="sum"), x, y)
+    layout = hesse.ParamLayout.from_module(ns["model"](4))
+    assert [r["name"] for r in section["rows"]] == list(layout.names)
+    for row in section["rows"]:
+        block = _dense_block(h, layout, row["params"])
+        assert row["trace"] == pytest.approx(block.trace().item(), rel=1e-10)
+        assert row["top_eigenvalue"] == pytest.approx(
+            torch.linalg.eigvalsh(block)[-1].item(), rel=1e-10
+        )
+    assert section["total_trace"] == pytest.approx(report["trace"]["estimate"], rel=1e-12)
+    assert "per-layer   by parameter (exact: blocks of the dense matrix" in out
+    if _analyze.have_matplotlib():
+        assert report["figures"] == ["per_layer.png", "curvature_heatmap.png"]
+
+
 def test_the_shipped_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = f"{ROOT / 'examples' / 'analyze_mlp.py'}:setup"
     status, out, err = _run(["analyze", target, "--out", str(tmp_path), "--top-k", "2"], capsys)
@@ -367,6 +460,12 @@ ERRORS = [
     (["analyze", "{file}:tiny", "--curvature", "kfac"], 2, "invalid choice: 'kfac'"),
     (["analyze", "{file}:tiny", "--params", "nothing*"], 1, ": params: "),
     (["analyze", "{file}:tiny", "--top-k", "50"], 1, "--top-k 50: must be smaller than N = 43"),
+    (
+        ["analyze", "{file}:tiny", "--per-layer-by", "module"],
+        2,
+        "--per-layer-by: needs --per-layer",
+    ),
+    (["analyze", "{file}:tiny", "--per-layer", "--per-layer-by", "layer"], 2, "invalid choice"),
 ]
 
 

@@ -38,6 +38,18 @@ EXPECTED = {
     "model_hessian_matrix",
     "model_sharpness",
     "per_sample_loss_hessian",
+    "InverseOperator",
+    "SolveResult",
+    "solve",
+    "influence_scores",
+    "per_sample_gradients",
+    "self_influence",
+    "BlockRow",
+    "BlockSummary",
+    "block_summary",
+    "KFACOperator",
+    "EKFACOperator",
+    "KFACInverse",
 }
 
 

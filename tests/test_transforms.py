@@ -80,11 +80,13 @@ def test_vmap_unbatchable_model_falls_back_with_one_warning() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.lin = nn.Linear(3, 2).to(F64)
+            # Off the layer route of exact diagonals, so the diagonal's general path runs too.
+            self.gain = nn.Parameter(torch.tensor([1.5, 0.5], dtype=F64))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             # .item() of a sample-independent value: vmap still cannot batch it
             scale = 2.0 if x.abs().sum().item() >= 0 else 3.0
-            return torch.tanh(self.lin(x)) * scale
+            return torch.tanh(self.lin(x) * self.gain) * scale
 
     torch.manual_seed(0)
     model = ItemScale()
@@ -209,9 +211,11 @@ class _Custom(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(3, 2).to(F64)
+        # Off the layer route of exact diagonals, so the diagonal's general path runs too.
+        self.gain = nn.Parameter(torch.tensor([1.5, 0.5], dtype=F64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OldStyleTanh.apply(self.lin(x))
+        return _OldStyleTanh.apply(self.lin(x) * self.gain)
 
 
 def test_autograd_loop_fallback_for_functions_torch_func_cannot_transform() -> None:

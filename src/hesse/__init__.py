@@ -16,6 +16,8 @@ from hesse._dense import (
     model_sharpness,
     per_sample_loss_hessian,
 )
+from hesse._influence import influence_scores, per_sample_gradients, self_influence
+from hesse._kfac import EKFACOperator, KFACInverse, KFACOperator
 from hesse._layout import ParamLayout
 from hesse._memory import MemoryBudgetError
 from hesse._operators import (
@@ -26,6 +28,7 @@ from hesse._operators import (
     hvp,
 )
 from hesse._protocol import SymmetricOperator
+from hesse._solve import InverseOperator, SolveResult, solve
 from hesse._spectral import (
     EigenResult,
     SpectralDensity,
@@ -36,27 +39,37 @@ from hesse._spectral import (
     spectral_density,
     trace,
 )
+from hesse._summary import BlockRow, BlockSummary, block_summary
 from hesse._transforms import PerformanceWarning
 from hesse._version import __version__
 
 __all__ = [
+    "BlockRow",
+    "BlockSummary",
     "CurvatureOperator",
+    "EKFACOperator",
     "EigenResult",
     "EmpiricalFisherOperator",
     "GGNOperator",
     "HessianOperator",
     "IdentityOperator",
+    "InverseOperator",
+    "KFACInverse",
+    "KFACOperator",
     "LinearCombination",
     "MemoryBudgetError",
     "ParamLayout",
     "PerformanceWarning",
+    "SolveResult",
     "SpectralDensity",
     "SymmetricOperator",
     "TraceResult",
     "__version__",
+    "block_summary",
     "diagonal",
     "eigsh",
     "hvp",
+    "influence_scores",
     "loss_hessian_diagonal",
     "loss_hessian_dict",
     "loss_hessian_matrix",
@@ -65,8 +78,11 @@ __all__ = [
     "model_hessian_dict",
     "model_hessian_matrix",
     "model_sharpness",
+    "per_sample_gradients",
     "per_sample_loss_hessian",
+    "self_influence",
     "sharpness",
+    "solve",
     "spectral_density",
     "trace",
 ]

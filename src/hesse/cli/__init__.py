@@ -26,19 +26,24 @@ ANALYZE_EXAMPLES = """\
 FUNC() takes no arguments and returns (model, criterion, data): data is one (inputs, target)
 pair or a re-iterable of them such as a DataLoader.
 
-analyses: with none of --top-k, --bottom-k, --trace, --density named, the top-5 eigenvalues,
-the trace and the spectral density are computed. Naming any of them runs only the ones named
-(--density alone: no eigenvalues, no trace); the report says which ran.
+analyses: with none of --top-k, --bottom-k, --trace, --density, --per-layer named, the top-5
+eigenvalues, the trace and the spectral density are computed. Naming any of them runs only the
+ones named (--density alone: no eigenvalues, no trace); the report says which ran. --per-layer
+is never a default (it costs the exact diagonal and a dense block or a Lanczos run per layer):
+add it, with the others you want, e.g. --per-layer --top-k 5 --trace.
 
 exact or estimated: with N <= 256 parameters the dense matrix is built once (N products) and
-the eigenvalues, the trace and the density are exact. Above that the eigenvalues come from
-Lanczos, the trace from Hutch++ (exact if --trace-matvecs >= N) and the density from SLQ
-(exact up to N = 480, where its 8 x 60 products cover N).
+the eigenvalues, the trace, the density and the per-layer blocks are exact. Above that the
+eigenvalues come from Lanczos, the trace from Hutch++ (exact if --trace-matvecs >= N), the
+density from SLQ (exact up to N = 480, where its 8 x 60 products cover N), and the per-layer
+traces from the operator's exact diagonal, with each layer's top eigenvalue exact from its
+dense block up to 256 entries and by Lanczos above.
 
 examples:
   hesse analyze examples/analyze_mlp.py:setup
   hesse analyze examples/analyze_mlp.py:setup --top-k 10 --bottom-k 3 --out runs/mlp
   hesse analyze examples/analyze_mlp.py:setup --curvature ggn --params '0.*' --trace
+  hesse analyze examples/analyze_mlp.py:setup --per-layer --top-k 5
   torchrun --nproc-per-node 2 -m hesse analyze examples/analyze_mlp.py:setup
 
 Under torchrun every rank calls FUNC (after the process group is up, so FUNC can give each
@@ -103,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         "analyze",
         help="eigenvalues, trace and spectral density of your own model's curvature",
         description="Import FUNC from FILE.py, build the curvature operator of the model, loss "
-        "and data it returns, and report its extreme eigenvalues, trace and spectral density; "
-        "writes OUT/report.json and PNG figures.",
+        "and data it returns, and report its extreme eigenvalues, trace and spectral density "
+        "(and, with --per-layer, each layer's trace and top eigenvalue); writes "
+        "OUT/report.json and PNG figures.",
         epilog=ANALYZE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -140,6 +146,18 @@ def _parser() -> argparse.ArgumentParser:
         help="spectral density plot: exact at N <= 480, else SLQ" + ONLY,
     )
     analyze.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="per layer (weight and bias together): trace, trace per entry, top eigenvalue, "
+        "and per_layer.png; never a default (a dense block or a Lanczos run per layer)" + ONLY,
+    )
+    analyze.add_argument(
+        "--per-layer-by",
+        choices=["module", "parameter"],
+        default=None,
+        help="with --per-layer: one row per module (default) or per parameter tensor",
+    )
+    analyze.add_argument(
         "--trace-matvecs",
         type=_at_least(3),  # Hutch++ spends a third on each of its three parts
         default=90,
@@ -161,6 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument(
         "--traceback", action="store_true", help="show the full traceback of an error"
     )
+    analyze.set_defaults(subparser=analyze)  # for errors about combinations of flags
     return parser
 
 
@@ -176,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
             bottom_k=args.bottom_k,
             trace=args.trace,
             density=args.density,
+            per_layer=args.per_layer,
+            per_layer_by=args.per_layer_by or "module",
             curvature=args.curvature,
             seed=args.seed,
             trace_matvecs=args.trace_matvecs,
@@ -223,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     `os._exit` and the exit status once output is flushed, also after an error.
     """
     args = _parser().parse_args(argv)
+    if args.command == "analyze" and args.per_layer_by and not args.per_layer:
+        args.subparser.error("argument --per-layer-by: needs --per-layer")
     if not _under_torchrun():
         return _status(args)
     try:

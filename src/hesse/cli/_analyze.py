@@ -4,10 +4,10 @@
 ``data``, runs the spectral tools on it with one progress bar per step, prints a report and
 writes ``report.json`` and figures (their paths in it relative to ``--out``). At N <= 256 the
 dense matrix is built once (N products) and every analysis runs on it: the eigenvalues, the
-trace and the density are then exact. ``--out`` is checked before anything is imported, and
-filled all at once (`hesse.cli._output`). Under ``torchrun`` it joins the process group before
-calling ``FUNC`` (which then gives each rank its shard), the operator all-reduces its products,
-and only rank 0 prints and writes.
+trace, the density and the per-layer blocks are then exact. ``--out`` is checked before
+anything is imported, and filled all at once (`hesse.cli._output`). Under ``torchrun`` it
+joins the process group before calling ``FUNC`` (which then gives each rank its shard), the
+operator all-reduces its products, and only rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -33,7 +33,14 @@ import hesse
 from hesse._distributed import Shard
 from hesse._operators import CurvatureOperator
 from hesse._protocol import Operator
-from hesse.cli._figures import NO_MATPLOTLIB, Drawing, have_matplotlib, hessian_heatmap
+from hesse._summary import BlockSummary, block_summary
+from hesse.cli._figures import (
+    NO_MATPLOTLIB,
+    Drawing,
+    have_matplotlib,
+    hessian_heatmap,
+    per_layer_bars,
+)
 from hesse.cli._output import CommandError, check, staged
 
 __all__ = ["CommandError", "Request", "run"]
@@ -46,7 +53,8 @@ OPERATORS: dict[str, tuple[type[CurvatureOperator], str]] = {
 # Below this size the whole matrix is built once (N products): it is drawn as a heat map and
 # every analysis runs on it, exactly.
 HEATMAP_LIMIT = 256
-# What runs when no analysis flag is named.
+# What runs when no analysis flag is named. --per-layer is never among them: it costs the
+# exact diagonal and a dense block or a Lanczos run per layer.
 DEFAULT_ANALYSES = "top-5, trace, density"
 
 
@@ -65,6 +73,8 @@ class Request:
     bottom_k: int = 0
     trace: bool = False
     density: bool = False
+    per_layer: bool = False
+    per_layer_by: Literal["parameter", "module"] = "module"
     curvature: str = "hessian"
     seed: int = 0
     trace_matvecs: int = 90
@@ -74,8 +84,8 @@ class Request:
 
     def with_defaults(self) -> Request:
         """Top-5 eigenvalues, the trace and the density when no analysis was named; only the
-        named ones otherwise."""
-        if self.top_k or self.bottom_k or self.trace or self.density:
+        named ones otherwise (``--per-layer`` is named or not run)."""
+        if self.top_k or self.bottom_k or self.trace or self.density or self.per_layer:
             return self
         return replace(self, top_k=5, trace=True, density=True, defaults=True)
 
@@ -83,9 +93,8 @@ class Request:
         """The analyses to run, as the report names them: ``["top-5", "trace", ...]``."""
         names = [f"top-{self.top_k}"] if self.top_k else []
         names += [f"bottom-{self.bottom_k}"] if self.bottom_k else []
-        return names + [
-            name for name, on in (("trace", self.trace), ("density", self.density)) if on
-        ]
+        named = (("trace", self.trace), ("density", self.density), ("per-layer", self.per_layer))
+        return names + [name for name, on in named if on]
 
 
 # --------------------------------------------------------------------------------- loading
@@ -203,6 +212,7 @@ class _Counted(Operator):
 
     def __init__(self, op: CurvatureOperator, bar: Any) -> None:
         self.op, self.bar = op, bar
+        self.layout = op.layout  # what block_summary splits into blocks
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -317,7 +327,10 @@ def _print_eigen(title: str, section: dict[str, Any], say: Callable[[str], None]
 
 def _analyses_line(request: Request) -> str:
     if request.defaults:
-        return f"{DEFAULT_ANALYSES} (the defaults: no analysis was named)"
+        return (
+            f"{DEFAULT_ANALYSES} (the defaults: no analysis was named); --per-layer adds a "
+            "table per layer"
+        )
     return (
         f"{', '.join(request.analyses())} (named; the defaults {DEFAULT_ANALYSES} apply only "
         "when none is named)"
@@ -353,6 +366,79 @@ def _print_trace(section: dict[str, Any], dense: bool, say: Callable[[str], None
             f"\ntrace       {section['estimate']:.6e} ± {section['stderr']:.2e} (standard error; "
             f"Hutch++, {products})"
         )
+
+
+class _DenseLayout:
+    """The dense matrix (N <= 256) as an operator that knows its parameter layout, so that
+    `block_summary` takes its blocks from it: exact, and no product with the model."""
+
+    def __init__(self, matrix: Tensor, layout: hesse.ParamLayout) -> None:
+        self.matrix, self.layout = matrix, layout
+        self.shape, self.dtype, self.device = tuple(matrix.shape), matrix.dtype, matrix.device
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matrix @ v
+
+    def diagonal(self) -> Tensor:
+        return self.matrix.diagonal()
+
+
+def _per_layer_section(
+    request: Request, op: CurvatureOperator, dense: Tensor | None, progress: _Progress
+) -> tuple[dict[str, Any], BlockSummary]:
+    """`block_summary` by module (or parameter): of the dense matrix at N <= 256 (its products
+    cost nothing: 0 in the report), else of the operator, whose exact diagonal gives the
+    traces."""
+    summarise = partial(
+        block_summary, by=request.per_layer_by, num_matvecs=request.trace_matvecs, seed=request.seed
+    )
+    if dense is not None:
+        summary, seconds = _timed(partial(summarise, _DenseLayout(dense, op.layout)))
+    else:
+        with progress.products(op, "per-layer", None) as counted:
+            summary, seconds = _timed(partial(summarise, counted))
+    rows = [
+        {
+            "name": row.name,
+            "params": list(row.params),
+            "numel": row.numel,
+            "trace": row.trace,
+            "trace_stderr": row.trace_stderr,
+            "trace_exact": row.trace_exact,
+            "trace_per_numel": row.trace_per_numel,
+            "top_eigenvalue": row.top_eigenvalue,
+            "converged": row.converged,
+            "num_matvecs": row.num_matvecs if dense is None else 0,
+        }
+        for row in summary.rows
+    ]
+    section = {
+        "by": summary.by,
+        "source": "dense matrix" if dense is not None else "operator",
+        "rows": rows,
+        "total_trace": summary.total_trace,
+        "total_stderr": summary.total_stderr,
+        "num_matvecs": summary.num_matvecs if dense is None else 0,
+        "seconds": seconds,
+    }
+    return section, summary
+
+
+def _print_per_layer(
+    section: dict[str, Any], summary: BlockSummary, say: Callable[[str], None]
+) -> None:
+    if section["source"] == "dense matrix":
+        how = f"exact: blocks of the dense matrix, {section['seconds']:.2f} s"
+    else:
+        exact = all(row["trace_exact"] for row in section["rows"])
+        traces = "exact traces from the diagonal" if exact else "Hutch++ traces above 256 entries"
+        how = (
+            f"{traces}; top eigenvalues by Lanczos above 256 entries; "
+            f"{section['num_matvecs']} products, {section['seconds']:.2f} s"
+        )
+    say(f"\nper-layer   by {section['by']} ({how})")
+    for line in summary.table().splitlines():
+        say(f"  {line}")
 
 
 def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Drawing]]:
@@ -472,6 +558,12 @@ def analyze(request: Request, rank: int) -> tuple[dict[str, Any], list[Drawing]]
             how = f"exact: all {n} eigenvalues, {n} products"
         say(f"\ndensity     eigenvalues in [{low:.4e}, {high:.4e}] ({how}, {seconds:.2f} s)")
         figures.append(("spectral_density.png", density.plot))
+
+    if request.per_layer:
+        report["per_layer"], summary = _per_layer_section(request, op, dense, progress)
+        _print_per_layer(report["per_layer"], summary, say)
+        blocks = f"{description}, per {summary.by}"
+        figures.append(("per_layer.png", lambda path: per_layer_bars(summary, path, blocks)))
 
     if dense is not None:
         matrix, title = dense, f"{description}, blocks per parameter"

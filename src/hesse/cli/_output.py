@@ -21,7 +21,13 @@ from pathlib import Path
 __all__ = ["OUTPUTS", "CommandError", "check", "staged"]
 
 # Every file name hesse writes into --out: the only files it ever replaces or removes there.
-OUTPUTS = ("report.json", "spectral_density.png", "curvature_heatmap.png", "hessian_heatmap.png")
+OUTPUTS = (
+    "report.json",
+    "spectral_density.png",
+    "curvature_heatmap.png",
+    "hessian_heatmap.png",
+    "per_layer.png",
+)
 
 
 class CommandError(Exception):

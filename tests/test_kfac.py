@@ -1,0 +1,499 @@
+"""KFAC and EKFAC: against curvlinops, closed forms, dense algebra and statistics (float64)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_close, state_preserved
+from torch import Tensor, nn
+
+import hesse
+from hesse._kfac import EKFACOperator, KFACOperator
+
+F64 = torch.float64
+
+
+def _init(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    model = model.to(F64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) / math.sqrt(p[0].numel()))
+    return model
+
+
+def _mlp() -> nn.Module:
+    return _init(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)), 0)
+
+
+class _Tokens(nn.Module):
+    """Linear layers over (B, T, d), then a mean over positions: a 2-D output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(5, 6)
+        self.l2 = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.l2(torch.tanh(self.l1(x))).mean(1)
+
+
+def _cnn(inplace: bool = False) -> nn.Module:
+    return _init(
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(inplace=inplace),
+            nn.Conv2d(3, 2, 2, stride=2),
+            nn.Flatten(),
+            nn.Linear(2 * 4 * 4, 3),
+        ),
+        2,
+    )
+
+
+def _data(x: Tensor, y: Tensor, sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
+    return list(zip(x.split(sizes), y.split(sizes)))
+
+
+def _problem(name: str, loss: str = "ce", reduction: str = "mean") -> tuple[nn.Module, Any, Any]:
+    """Models and data where the factors are of full rank (EKFAC's basis is then unique)."""
+    g = torch.Generator().manual_seed(1)
+    if name == "mlp":
+        model, x, classes, sizes = (
+            _mlp(),
+            torch.randn(40, 5, generator=g, dtype=F64),
+            4,
+            [16, 5, 19],
+        )
+    elif name == "tokens":
+        model = _init(_Tokens(), 1)
+        x, classes, sizes = torch.randn(30, 4, 5, generator=g, dtype=F64), 3, [18, 12]
+    else:
+        model, x, classes, sizes = (
+            _cnn(),
+            torch.randn(48, 2, 8, 8, generator=g, dtype=F64),
+            3,
+            [30, 18],
+        )
+    if loss == "ce":
+        y = torch.randint(0, classes, (x.shape[0],), generator=g)
+        return model, nn.CrossEntropyLoss(reduction=reduction), _data(x, y, sizes)
+    y = torch.randn(x.shape[0], classes, generator=g, dtype=F64)
+    return model, nn.MSELoss(reduction=reduction), _data(x, y, sizes)
+
+
+def _curvlinops_dense(cls_name: str, model: nn.Module, crit: Any, data: Any, **kw: Any) -> Tensor:
+    curvlinops = pytest.importorskip("curvlinops")
+    cls = getattr(curvlinops, cls_name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    op = cls(model, crit, params, data, check_deterministic=False, **kw)
+    n = sum(p.numel() for p in params)
+    return op @ torch.eye(n, dtype=F64)
+
+
+KFAC_CASES = [
+    ("mlp", "ce", "mean", "type-2", "expand", True),
+    ("mlp", "ce", "mean", "type-2", "expand", False),
+    ("mlp", "ce", "sum", "type-2", "expand", True),
+    ("mlp", "ce", "mean", "empirical", "expand", False),
+    ("mlp", "ce", "sum", "empirical", "expand", True),
+    ("mlp", "ce", "mean", "forward-only", "expand", False),
+    ("mlp", "mse", "mean", "type-2", "expand", False),
+    ("mlp", "mse", "sum", "type-2", "expand", True),
+    ("mlp", "mse", "mean", "empirical", "expand", True),
+    ("mlp", "mse", "sum", "empirical", "expand", False),
+    ("tokens", "ce", "mean", "type-2", "expand", True),
+    ("tokens", "ce", "mean", "type-2", "reduce", True),
+    ("tokens", "ce", "mean", "type-2", "expand", False),
+    ("tokens", "ce", "mean", "type-2", "reduce", False),
+    ("tokens", "ce", "sum", "empirical", "reduce", False),
+    ("tokens", "ce", "mean", "empirical", "expand", True),
+    ("cnn", "ce", "mean", "type-2", "expand", False),
+    ("cnn", "ce", "mean", "type-2", "reduce", True),
+    ("cnn", "ce", "sum", "empirical", "reduce", False),
+    ("cnn", "ce", "mean", "empirical", "expand", True),
+]
+
+
+def _id(case: tuple[Any, ...]) -> str:
+    name, loss, red, ft, approx, sep = case
+    return f"{name}-{loss}-{red}-{ft}-{approx}-{'sep' if sep else 'joint'}"
+
+
+@pytest.mark.parametrize("case", KFAC_CASES, ids=_id)
+def test_kfac_matches_curvlinops(case: tuple[Any, ...]) -> None:
+    name, loss, red, ft, approx, sep = case
+    model, crit, data = _problem(name, loss, red)
+    kw = dict(fisher_type=ft, kfac_approx=approx, separate_weight_and_bias=sep)
+    expected = _curvlinops_dense("KFACLinearOperator", model, crit, data, **kw)
+    with state_preserved(model):
+        op = KFACOperator(model, crit, data, **kw)
+    assert_close(op.to_dense(), expected, rtol=1e-8)
+
+
+EKFAC_CASES = [c for c in KFAC_CASES if c[3] != "forward-only" and c[1] == "ce"]
+
+
+@pytest.mark.parametrize("case", EKFAC_CASES, ids=_id)
+def test_ekfac_matches_curvlinops(case: tuple[Any, ...]) -> None:
+    name, loss, red, ft, approx, sep = case
+    model, crit, data = _problem(name, loss, red)
+    kw = dict(fisher_type=ft, kfac_approx=approx, separate_weight_and_bias=sep)
+    expected = _curvlinops_dense("EKFACLinearOperator", model, crit, data, **kw)
+    with state_preserved(model):
+        op = EKFACOperator(model, crit, data, **kw)
+    assert_close(op.to_dense(), expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("heuristic", [False, True])
+def test_inverse_matches_curvlinops(heuristic: bool) -> None:
+    curvlinops = pytest.importorskip("curvlinops")
+    model, crit, data = _problem("mlp")
+    params = list(model.parameters())
+    ref = curvlinops.KFACLinearOperator(
+        model, crit, params, data, check_deterministic=False, fisher_type="type-2"
+    )
+    inv = curvlinops.KFACInverseLinearOperator(
+        ref, damping=1e-2, use_exact_damping=not heuristic, use_heuristic_damping=heuristic
+    )
+    expected = inv @ torch.eye(ref.shape[0], dtype=F64)
+    op = KFACOperator(model, crit, data)
+    assert_close(op.inverse(1e-2, heuristic=heuristic).to_dense(), expected, rtol=1e-8)
+
+
+# -- closed forms ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("positions", [None, 3])
+def test_kfac_is_the_ggn_of_one_linear_layer_with_mse(
+    reduction: str, positions: int | None
+) -> None:
+    g = torch.Generator().manual_seed(4)
+    model = _init(nn.Linear(4, 3), 5)
+    shape = (20, 4) if positions is None else (20, positions, 4)
+    x = torch.randn(*shape, generator=g, dtype=F64)
+    y = torch.randn(*shape[:-1], 3, generator=g, dtype=F64)
+    data = _data(x, y, [7, 13])
+    crit = nn.MSELoss(reduction=reduction)
+    op = KFACOperator(model, crit, data, separate_weight_and_bias=False)
+    ggn = hesse.GGNOperator(model, crit, data).to_dense()
+    assert_close(op.to_dense(), ggn, rtol=1e-10)
+
+
+# -- algebra on the factors ----------------------------------------------------------------
+
+
+@pytest.fixture(params=["kfac", "kfac-joint", "ekfac", "ekfac-cnn"])
+def operator(request: pytest.FixtureRequest) -> KFACOperator:
+    kind = request.param
+    model, crit, data = _problem("cnn" if kind.endswith("cnn") else "mlp")
+    cls = EKFACOperator if kind.startswith("ekfac") else KFACOperator
+    return cls(model, crit, data, separate_weight_and_bias=kind != "kfac-joint")
+
+
+def test_products_trace_diagonal(operator: KFACOperator) -> None:
+    dense = operator.to_dense()
+    assert dense.dtype == F64 and operator.shape == dense.shape
+    assert_close(dense, dense.T, rtol=1e-12)
+    v = torch.randn(operator.shape[0], 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert_close(operator @ v, dense @ v)
+    assert_close(operator @ v[:, 0], dense @ v[:, 0])
+    as_dict = operator.layout.unflatten(v[:, 1])
+    out = operator @ as_dict
+    assert set(out) == set(operator.param_names)
+    assert_close(operator.layout.flatten(out), dense @ v[:, 1])
+    assert_close(operator.diagonal(), dense.diagonal())
+    assert operator.trace() == pytest.approx(float(dense.trace()), rel=1e-10)
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_inverse_and_logdet(operator: KFACOperator, damping: float) -> None:
+    dense = operator.to_dense()
+    damped = dense + damping * torch.eye(dense.shape[0], dtype=F64)
+    inverse = operator.inverse(damping=damping)
+    assert_close(inverse.to_dense(), torch.linalg.inv(damped), rtol=1e-8)
+    v = torch.randn(dense.shape[0], 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    assert_close(inverse @ v, torch.linalg.solve(damped, v), rtol=1e-8)
+    assert_close(inverse.diagonal(), torch.linalg.inv(damped).diagonal(), rtol=1e-8)
+    assert operator.logdet(damping) == pytest.approx(float(torch.logdet(damped)), rel=1e-9)
+
+
+def test_heuristic_damping_is_pi_damping_of_the_factors() -> None:
+    model = _init(nn.Linear(3, 2), 6)
+    g = torch.Generator().manual_seed(7)
+    data = (torch.randn(10, 3, generator=g, dtype=F64), torch.randint(0, 2, (10,), generator=g))
+    op = KFACOperator(model, nn.CrossEntropyLoss(), data, params=["weight"])
+    a, gg = op.factors[""]
+    assert a is not None
+    lam = 0.1
+    pi = math.sqrt((a.trace() / 3) / (gg.trace() / 2))
+    expected = torch.kron(
+        torch.linalg.inv(gg + lam**0.5 / pi * torch.eye(2, dtype=F64)),
+        torch.linalg.inv(a + pi * lam**0.5 * torch.eye(3, dtype=F64)),
+    )
+    assert_close(op.inverse(lam, heuristic=True).to_dense(), expected, rtol=1e-10)
+
+
+def test_logdet_of_a_singular_block_without_damping_is_minus_infinity() -> None:
+    model = _init(nn.Linear(3, 2), 6)
+    data = (torch.randn(1, 3, dtype=F64), torch.tensor([0]))  # A has rank 1
+    op = KFACOperator(model, nn.CrossEntropyLoss(), data)
+    assert op.logdet() == -math.inf
+    assert math.isfinite(op.logdet(1e-3))
+
+
+def test_spectral_tools_and_solve_accept_the_operators() -> None:
+    model, crit, data = _problem("mlp")
+    op = KFACOperator(model, crit, data)
+    top = hesse.eigsh(op, k=2, seed=0)
+    expected = torch.linalg.eigvalsh(op.to_dense())[-2:]
+    assert_close(top.eigenvalues, expected, rtol=1e-6)
+    ggn = hesse.GGNOperator(model, crit, data)
+    b = torch.randn(op.shape[0], dtype=F64, generator=torch.Generator().manual_seed(3))
+    plain = hesse.solve(ggn, b, damping=1e-2, tol=1e-8)
+    preconditioned = hesse.solve(ggn, b, damping=1e-2, tol=1e-8, preconditioner=op.inverse(1e-2))
+    assert_close(preconditioned.solution, plain.solution, rtol=1e-6)
+    damped = (ggn + 1e-2 * hesse.IdentityOperator.like(ggn)).to_dense()
+    assert_close(preconditioned.solution, torch.linalg.solve(damped, b), rtol=1e-6)
+
+
+# -- Monte Carlo -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_mc_fisher_is_unbiased_for_type2(loss: str) -> None:
+    model, crit, data = _problem("mlp", loss)
+    exact = KFACOperator(model, crit, data).factors
+    draws = [
+        KFACOperator(model, crit, data, fisher_type="mc", mc_samples=4, seed=s).factors
+        for s in range(40)
+    ]
+    for path, (a, g) in exact.items():
+        samples = torch.stack([d[path][1] for d in draws])
+        mean, se = samples.mean(0), samples.std(0) / math.sqrt(len(draws))
+        assert a is not None and torch.equal(draws[0][path][0], a)  # A is not sampled
+        excess = (mean - g).abs() - 4 * se - 1e-12
+        assert float(excess.max()) <= 0, (path, float(excess.max()))
+    # the same seed draws the same labels; another seed others
+    again = KFACOperator(model, crit, data, fisher_type="mc", mc_samples=4, seed=0).factors
+    assert torch.equal(again["2"][1], draws[0]["2"][1])
+    assert not torch.equal(draws[1]["2"][1], draws[0]["2"][1])
+
+
+def test_ekfac_mc_runs_both_passes_with_the_same_draws() -> None:
+    model, crit, data = _problem("mlp")
+    op = EKFACOperator(model, crit, data, fisher_type="mc", seed=3)
+    # one draw per sample, weights 1/N: the corrections sum to the trace of the MC KFAC's
+    # basis-projected gradients, which equals the MC KFAC trace's gradient covariance part
+    kfac = KFACOperator(model, crit, data, fisher_type="mc", seed=3)
+    for path, (_, g) in kfac.factors.items():
+        assert torch.equal(op.factors[path][1], g)
+    assert op.trace() > 0 and math.isfinite(op.logdet(1e-3))
+
+
+# -- precision ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_keeps_float32_factors(dtype: torch.dtype) -> None:
+    model, crit, data = _problem("mlp")
+    reference = KFACOperator(model, crit, data)
+    half = _mlp().to(dtype)
+    half.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
+    half_data = [(x.to(dtype), y) for x, y in data]
+    op = KFACOperator(half, crit, half_data)
+    assert op.dtype == dtype
+    for path, (a, g) in op.factors.items():
+        assert a is not None and a.dtype == torch.float32 and g.dtype == torch.float32
+        assert bool(torch.isfinite(a).all() and torch.isfinite(g).all())
+        ra, rg = reference.factors[path]
+        assert ra is not None
+        torch.testing.assert_close(a.double(), ra, rtol=0.05, atol=0.05 * float(ra.abs().max()))
+        torch.testing.assert_close(g.double(), rg, rtol=0.05, atol=0.05 * float(rg.abs().max()))
+    v = torch.randn(op.shape[0], 2).to(dtype)
+    out = op @ v
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    assert math.isfinite(op.logdet(1e-3))
+
+
+# -- snapshots, state, selection ---------------------------------------------------------------
+
+
+def test_snapshot_until_refresh() -> None:
+    model, crit, data = _problem("mlp")
+    op = KFACOperator(model, crit, data)
+    before = op.to_dense()
+    inverse = op.inverse(1e-2)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    assert torch.equal(op.to_dense(), before)  # a snapshot: does not follow the model
+    op.refresh()
+    assert_close(op.to_dense(), KFACOperator(model, crit, data).to_dense())
+    assert not torch.allclose(op.to_dense(), before)
+    fresh = op.inverse(1e-2)
+    assert not torch.allclose(fresh.to_dense(), inverse.to_dense())
+
+
+class _Failing(nn.Module):
+    """Raises in the forward pass of a batch of 3 samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 3:
+            raise RuntimeError("model failed")
+        return self.net(x)
+
+
+def test_state_preserved_and_hooks_removed_on_error() -> None:
+    _, crit, data = _problem("mlp")
+    model = _Failing()
+    model.train()
+    model.net[0].weight.grad = torch.ones_like(model.net[0].weight)
+    bad = [*data, (data[0][0][:3], data[0][1][:3])]
+    with state_preserved(model), pytest.raises(RuntimeError, match="model failed"):
+        KFACOperator(model, crit, bad)
+    assert all(not m._forward_hooks for m in model.modules())
+    with state_preserved(model):
+        op = KFACOperator(model, crit, data)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert op.param_names[0] == "net.0.weight"
+
+
+def test_inplace_activation_after_a_layer() -> None:
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(12, 2, 8, 8, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
+    crit = nn.CrossEntropyLoss()
+    plain = KFACOperator(_cnn(inplace=False), crit, (x, y)).to_dense()
+    inplace = KFACOperator(_cnn(inplace=True), crit, (x, y)).to_dense()
+    assert_close(inplace, plain, rtol=1e-12)
+
+
+def test_parameter_subsets_are_sub_blocks() -> None:
+    model, crit, data = _problem("mlp")
+    full = KFACOperator(model, crit, data).to_dense()
+    names = ["0.bias", "2.weight"]
+    sub = KFACOperator(model, crit, data, params=names)
+    layout = KFACOperator(model, crit, data).layout
+    rows = torch.cat([torch.arange(layout.numel)[layout.slice(n)] for n in names])
+    assert sub.param_names == tuple(names)
+    assert_close(sub.to_dense(), full[rows][:, rows])
+
+
+def test_model_in_train_mode_with_frozen_layers() -> None:
+    model, crit, data = _problem("mlp")
+    model[0].requires_grad_(False)
+    op = KFACOperator(model, crit, data)
+    assert op.param_names == ("2.weight", "2.bias")
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_unsupported_parameters_are_named() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(F64)
+    data = (torch.randn(5, 3, dtype=F64), torch.tensor([0, 1, 0, 1, 1]))
+    with (
+        state_preserved(model),
+        pytest.raises(ValueError, match=r"1\.weight \(LayerNorm\).*params="),
+    ):
+        KFACOperator(model, nn.CrossEntropyLoss(), data)
+    op = KFACOperator(model, nn.CrossEntropyLoss(), data, params=["0.*", "2.*"])
+    assert op.shape == (26, 26)
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+def test_tied_and_repeated_layers_are_refused() -> None:
+    data = (torch.randn(4, 3, dtype=F64), torch.tensor([0, 1, 2, 0]))
+    model = _Twice().to(F64)
+    with state_preserved(model), pytest.raises(ValueError, match="ran 2 times"):
+        KFACOperator(model, nn.CrossEntropyLoss(), data)
+    shared = nn.Linear(3, 3).to(F64)
+    with pytest.raises(ValueError, match="tied"):
+        KFACOperator(nn.Sequential(shared, nn.Tanh(), shared), nn.CrossEntropyLoss(), data)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)).to(F64)
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="tied"):
+        KFACOperator(tied, nn.CrossEntropyLoss(), data)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"fisher_type": "exact"}, ValueError, "fisher_type"),
+        ({"kfac_approx": "both"}, ValueError, "kfac_approx"),
+        ({"mc_samples": 3}, ValueError, "mc_samples"),
+        ({"mc_samples": 0, "fisher_type": "mc"}, ValueError, "mc_samples"),
+        ({"separate_weight_and_bias": 1}, TypeError, "separate_weight_and_bias"),
+        ({"seed": 1.5, "fisher_type": "mc"}, TypeError, "seed"),
+        ({"reduction": "sum"}, ValueError, "contradicts"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    model, crit, data = _problem("mlp")
+    with pytest.raises(error, match=match):
+        KFACOperator(model, crit, data, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("crit", "match"),
+    [
+        (nn.L1Loss(), "criterion"),
+        (nn.CrossEntropyLoss(weight=torch.ones(4, dtype=F64)), "criterion"),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), "criterion"),
+        (nn.CrossEntropyLoss(reduction="none"), "reduction"),
+    ],
+)
+def test_unsupported_criteria(crit: nn.Module, match: str) -> None:
+    model, _, data = _problem("mlp")
+    with pytest.raises(ValueError, match=match):
+        KFACOperator(model, crit, data)
+
+
+def test_bad_targets_and_layers() -> None:
+    model, crit, data = _problem("mlp")
+    x = data[0][0]
+    with pytest.raises(ValueError, match="ignore_index"):
+        KFACOperator(model, crit, (x, torch.full((x.shape[0],), -100)))
+    with pytest.raises(ValueError, match="same shape"):
+        KFACOperator(model, nn.MSELoss(), (x, torch.zeros(x.shape[0], 5, dtype=F64)))
+    grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()).to(F64)
+    with pytest.raises(ValueError, match="groups=1"):
+        KFACOperator(grouped, nn.MSELoss(), (torch.randn(2, 2, 3, 3, dtype=F64), torch.zeros(2, 2)))
+    with pytest.raises(ValueError, match="forward-only"):
+        EKFACOperator(model, crit, data, fisher_type="forward-only")
+
+
+def test_bad_operands_and_damping() -> None:
+    model, crit, data = _problem("mlp")
+    op = EKFACOperator(model, crit, data)
+    n = op.shape[0]
+    with pytest.raises(ValueError, match="shape"):
+        op @ torch.zeros(n + 1, dtype=F64)
+    with pytest.raises(TypeError, match="dtype"):
+        op @ torch.zeros(n)
+    with pytest.raises(TypeError, match="tensor"):
+        op @ [0.0] * n
+    with pytest.raises(ValueError, match="keys"):
+        op @ {"0.weight": torch.zeros(7, 5, dtype=F64)}
+    with pytest.raises(ValueError, match="damping"):
+        op.inverse(-1.0)
+    with pytest.raises(ValueError, match="damping"):
+        op.logdet(float("nan"))
+    with pytest.raises(ValueError, match="KFAC only"):
+        op.inverse(1e-3, heuristic=True)

@@ -1,0 +1,417 @@
+"""hesse.solve and hesse.InverseOperator: CG, MINRES and LiSSA against torch.linalg.solve."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import pytest
+import torch
+from cases import CASES
+from conftest import state_preserved
+from torch import Tensor
+
+import hesse
+from hesse._solve import default_tol
+
+DTYPE = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _symmetric(eigenvalues: Tensor, seed: int = 0, scales: Tensor | None = None) -> Tensor:
+    """Q diag(eigenvalues) Qᵀ, optionally congruent to D^½ · D^½ (a badly scaled diagonal)."""
+    n = eigenvalues.numel()
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=_gen(seed), dtype=DTYPE))
+    a = (q * eigenvalues) @ q.T
+    if scales is not None:
+        a = scales.sqrt()[:, None] * a * scales.sqrt()[None, :]
+    return (a + a.T) / 2
+
+
+def _spd(n: int = 30, seed: int = 0) -> Tensor:
+    return _symmetric(torch.logspace(-1, 1, n, dtype=DTYPE), seed)
+
+
+def _indefinite(n: int = 30, seed: int = 1) -> Tensor:
+    values = torch.linspace(-3, 5, n, dtype=DTYPE)
+    values[values.abs() < 0.2] = 0.5  # nonsingular
+    return _symmetric(values, seed)
+
+
+def _rhs(n: int, k: int | None = None, seed: int = 2) -> Tensor:
+    shape = (n,) if k is None else (n, k)
+    return torch.randn(*shape, generator=_gen(seed), dtype=DTYPE)
+
+
+def _exact(a: Tensor, b: Tensor, damping: float) -> Tensor:
+    return torch.linalg.solve(a + damping * torch.eye(a.shape[0], dtype=a.dtype), b)
+
+
+def _close(actual: Tensor, expected: Tensor, rtol: float) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    scale = max(float(expected.abs().max()), 1e-300)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+class Counting:
+    """The protocol around a matrix, recording the width of every product."""
+
+    def __init__(self, a: Any) -> None:
+        self.a = a
+        self.shape, self.dtype, self.device = tuple(a.shape), a.dtype, a.device
+        self.widths: list[int] = []
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        self.widths.append(v.shape[1] if v.ndim == 2 else 1)
+        return self.a @ v
+
+
+def _mlp() -> Any:
+    return copy.deepcopy(CASES["mlp"])
+
+
+# ------------------------------------------------------------------------- against dense
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+@pytest.mark.parametrize("k", [None, 1, 4])
+def test_krylov_methods_match_the_dense_solve(method: str, k: int | None) -> None:
+    a, b = _spd(), _rhs(30, k)
+    result = hesse.solve(a, b, damping=0.3, method=method, tol=1e-12)  # type: ignore[arg-type]
+    _close(result.solution, _exact(a, b, 0.3), 1e-9)
+    assert bool(result.converged.all())
+    assert result.converged.shape == (() if k is None else (k,))
+    iterations = result.residual_norms.shape[0] - 1
+    assert result.residual_norms.shape == ((iterations + 1,) if k is None else (iterations + 1, k))
+    assert float(result.residual_norms[0].min()) == pytest.approx(1.0)  # x0 = 0
+    assert bool((result.residual_norms[-1] <= 1e-12).all())
+
+
+def test_minres_solves_an_indefinite_system_and_its_residual_never_grows() -> None:
+    a, b = _indefinite(), _rhs(30, 3)
+    result = hesse.solve(a, b, method="minres", tol=1e-11)
+    _close(result.solution, _exact(a, b, 0.0), 1e-8)
+    history = result.residual_norms
+    assert bool((history[1:] <= history[:-1] * (1 + 1e-10) + 1e-15).all())
+    # The reported residual is the true one.
+    true = torch.linalg.vector_norm(b - a @ result.solution, dim=0) / b.norm(dim=0)
+    torch.testing.assert_close(true, history[-1], rtol=1e-4, atol=1e-13)
+
+
+def test_cg_refuses_negative_curvature_and_names_minres_and_the_damping() -> None:
+    a, b = _indefinite(), _rhs(30)
+    lambda_min = float(torch.linalg.eigvalsh(a)[0])
+    with pytest.raises(ValueError, match="negative curvature.*method='minres'") as info:
+        hesse.solve(a, b, damping=0.5)
+    found = re.search(r"damping above (-?[\d.e+-]+) at least", str(info.value))
+    assert found is not None
+    needed = float(found.group(1))
+    assert 0 < needed <= -lambda_min + 1e-12  # a lower bound on what is needed
+
+
+def test_lissa_converges_to_the_dense_solution() -> None:
+    a, b = _spd(20), _rhs(20, 2)
+    top = float(torch.linalg.eigvalsh(a)[-1])
+    explicit = hesse.solve(a, b, damping=0.5, method="lissa", scale=top + 0.5)
+    _close(explicit.solution, _exact(a, b, 0.5), 1e-3)
+    assert bool(explicit.converged.all())
+    counting = Counting(a)
+    automatic = hesse.solve(counting, b, damping=0.5, method="lissa", tol=1e-10)
+    _close(automatic.solution, _exact(a, b, 0.5), 1e-8)
+    # The default scale costs an eigenvalue estimate (for N <= 256 the dense A @ I), counted.
+    assert counting.widths[0] == 20
+    assert automatic.num_matvecs == sum(counting.widths)
+
+
+def test_lissa_divergence_names_a_scale_that_works() -> None:
+    a, b = _spd(20), _rhs(20)
+    top = float(torch.linalg.eigvalsh(a)[-1])
+    with pytest.raises(ValueError, match=r"LiSSA diverged.*use scale >= ") as info:
+        hesse.solve(a, b, method="lissa", scale=top / 4)
+    found = re.search(r"use scale >= ([\d.e+-]+)", str(info.value))
+    assert found is not None
+    suggested = float(found.group(1))
+    assert suggested > top / 2
+    assert bool(hesse.solve(a, b, method="lissa", scale=suggested).converged)
+
+
+def test_lissa_refuses_an_indefinite_system() -> None:
+    a, b = _indefinite(), _rhs(30)
+    with pytest.raises(ValueError, match="not positive definite.*minres"):
+        hesse.solve(a, b, method="lissa", scale=10.0)
+
+
+# ---------------------------------------------------------------------------- operators
+
+
+def test_damped_ggn_operator() -> None:
+    case = _mlp()
+    ggn = hesse.GGNOperator(case.model, case.criterion, (case.inputs, case.target))
+    dense = ggn.to_dense()
+    b = _rhs(ggn.shape[0], 3)
+    result = hesse.solve(ggn, b, damping=0.1, tol=1e-12)
+    _close(result.solution, _exact(dense, b, 0.1), 1e-8)
+    # A damped sum of operators is an operator too: the same system.
+    damped = ggn + 0.1 * hesse.IdentityOperator.like(ggn)
+    _close(hesse.solve(damped, b, tol=1e-12).solution, result.solution, 1e-8)
+
+
+def test_hessian_operator_minres_and_cg_refusal() -> None:
+    case = _mlp()
+    h = hesse.HessianOperator(case.model, case.criterion, (case.inputs, case.target))
+    dense = h.to_dense()
+    spectrum = torch.linalg.eigvalsh(dense)
+    assert spectrum[0] < -1.0  # indefinite: damping 1 leaves negative eigenvalues
+    assert float((spectrum + 1.0).abs().min()) > 0.1  # but keeps it nonsingular
+    b = _rhs(h.shape[0], 2)
+    with state_preserved(case.model):
+        result = hesse.solve(h, b, damping=1.0, method="minres", tol=1e-12)
+    _close(result.solution, _exact(dense, b, 1.0), 1e-8)
+    with state_preserved(case.model), pytest.raises(ValueError, match="negative curvature"):
+        hesse.solve(h, b, damping=1.0, method="cg")
+
+
+def test_one_solve_is_one_session_a_kept_graph_costs_one_forward_pass() -> None:
+    case = _mlp()
+    h = hesse.HessianOperator(case.model, case.criterion, (case.inputs, case.target))
+    calls = []
+    hook = case.model[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        result = hesse.solve(h, _rhs(h.shape[0]), damping=3.0, tol=1e-10)
+    finally:
+        hook.remove()
+    assert result.num_matvecs > 5
+    assert len(calls) == 1
+
+
+# ------------------------------------------------------------------- blocks and options
+
+
+def test_k_right_hand_sides_take_one_block_product_per_iteration() -> None:
+    a = _spd(40)
+    b = torch.cat([_rhs(40, 3), a[:, :1]], dim=1)  # the last: a small Krylov space
+    counting = Counting(a)
+    result = hesse.solve(counting, b, damping=0.0, tol=1e-10)
+    iterations = result.residual_norms.shape[0] - 1
+    assert len(counting.widths) == iterations
+    assert counting.widths[0] == 4
+    assert counting.widths == sorted(counting.widths, reverse=True)  # converged columns leave
+    assert counting.widths[-1] < 4
+    assert sum(counting.widths) == result.num_matvecs
+    # A column that left keeps its last residual in the history.
+    finished = result.residual_norms[-1]
+    assert bool((finished <= 1e-10).all())
+    _close(result.solution, _exact(a, b, 0.0), 1e-8)
+
+
+def test_x0_starts_the_iteration_and_costs_one_product() -> None:
+    a, b = _spd(), _rhs(30, 2)
+    exact = _exact(a, b, 0.2)
+    warm = hesse.solve(a, b, damping=0.2, x0=exact)
+    assert warm.num_matvecs == 2 and warm.residual_norms.shape == (1, 2)
+    assert bool(warm.converged.all())
+    near = exact + 1e-4 * _rhs(30, 2, seed=5)
+    cold = hesse.solve(a, b, damping=0.2, tol=1e-10)
+    started = hesse.solve(a, b, damping=0.2, tol=1e-10, x0=near)
+    assert started.residual_norms.shape[0] < cold.residual_norms.shape[0]
+    _close(started.solution, exact, 1e-8)
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_a_jacobi_preconditioner_cuts_the_iterations(method: str) -> None:
+    scales = torch.logspace(-3, 3, 50, dtype=DTYPE)
+    a = _symmetric(torch.logspace(-0.5, 0.5, 50, dtype=DTYPE), 3, scales)
+    b = _rhs(50, 2)
+    jacobi = 1 / (a.diagonal() + 1e-3)
+    plain = hesse.solve(a, b, damping=1e-3, method=method, tol=1e-10)  # type: ignore[arg-type]
+    pre = hesse.solve(
+        a,
+        b,
+        damping=1e-3,
+        method=method,  # type: ignore[arg-type]
+        tol=1e-10,
+        preconditioner=jacobi,
+    )
+    assert pre.num_matvecs < plain.num_matvecs / 2
+    _close(pre.solution, _exact(a, b, 1e-3), 1e-7)
+    # The relative residual reported is the unpreconditioned one.
+    true = torch.linalg.vector_norm(
+        b - (a + 1e-3 * torch.eye(50, dtype=DTYPE)) @ pre.solution, dim=0
+    )
+    torch.testing.assert_close(true / b.norm(dim=0), pre.residual_norms[-1], rtol=1e-3, atol=1e-13)
+    # The same preconditioner as a dense matrix, or as an operator, gives the same iterates.
+    dense = hesse.solve(
+        a, b, damping=1e-3, method=method, tol=1e-10, preconditioner=torch.diag(jacobi)
+    )  # type: ignore[arg-type]
+    assert dense.num_matvecs == pre.num_matvecs
+    _close(dense.solution, pre.solution, 1e-9)
+
+
+def test_unconverged_columns_are_flagged_and_max_iter_zero_returns_x0() -> None:
+    a, b = _spd(), _rhs(30, 2)
+    short = hesse.solve(a, b, max_iter=3)
+    assert short.residual_norms.shape == (4, 2)
+    assert not bool(short.converged.any())
+    assert short.num_matvecs == 6
+    x0 = _rhs(30, 2, seed=9)
+    none = hesse.solve(a, b, max_iter=0, x0=x0)
+    assert torch.equal(none.solution, x0) and none.residual_norms.shape == (1, 2)
+
+
+@pytest.mark.parametrize("method", ["cg", "minres", "lissa"])
+def test_zero_right_hand_sides_are_solved_by_zero(method: str) -> None:
+    a = _spd(20)
+    b = _rhs(20, 3)
+    b[:, 1] = 0
+    result = hesse.solve(
+        a, b, damping=1.0, method=method, x0=torch.ones(20, 3, dtype=DTYPE), tol=1e-10
+    )  # type: ignore[arg-type]
+    assert torch.equal(result.solution[:, 1], torch.zeros(20, dtype=DTYPE))
+    assert bool(result.converged.all())
+    assert float(result.residual_norms[:, 1].abs().max()) == 0.0
+    zero = hesse.solve(a, torch.zeros(20, dtype=DTYPE))
+    assert zero.num_matvecs == 0 and bool(zero.converged)
+
+
+def test_default_tolerance_fits_the_dtype() -> None:
+    assert default_tol(torch.float64) == 1e-6
+    assert default_tol(torch.float32) == pytest.approx(torch.finfo(torch.float32).eps ** 0.5)
+    a, b = _spd().float(), _rhs(30).float()
+    result = hesse.solve(a, b, damping=0.1)
+    assert result.solution.dtype == torch.float32 and bool(result.converged)
+    assert float(result.residual_norms[-1]) <= default_tol(torch.float32)
+    exact = _exact(a.double(), b.double(), 0.1).float()
+    torch.testing.assert_close(
+        result.solution, exact, rtol=1e-2, atol=1e-2 * float(exact.abs().max())
+    )
+
+
+def test_solve_inside_inference_mode() -> None:
+    case = _mlp()
+    ggn = hesse.GGNOperator(case.model, case.criterion, (case.inputs, case.target))
+    b = _rhs(ggn.shape[0])
+    expected = hesse.solve(ggn, b, damping=0.1).solution
+    with torch.inference_mode():
+        inside = hesse.solve(ggn, b.clone(), damping=0.1).solution
+    _close(inside.clone(), expected, 1e-12)
+
+
+# ------------------------------------------------------------------------ InverseOperator
+
+
+def test_inverse_operator_products_dense_and_composition() -> None:
+    a = _spd(20)
+    inverse = hesse.InverseOperator(a, damping=0.5, tol=1e-12)
+    expected = torch.linalg.inv(a + 0.5 * torch.eye(20, dtype=DTYPE))
+    b = _rhs(20, 3)
+    _close(inverse @ b, expected @ b, 1e-9)
+    _close(inverse @ b[:, 0], expected @ b[:, 0], 1e-9)
+    _close(inverse.to_dense(), expected, 1e-9)
+    assert inverse.last_result is not None and inverse.last_result.solution.shape == (20, 20)
+    assert inverse.shape == (20, 20) and inverse.dtype == DTYPE
+    # It composes, and feeds the spectral tools: the top eigenvalue of the inverse is
+    # 1 / (λ_min(A) + λ).
+    shifted = inverse + 2.0 * hesse.IdentityOperator.like(inverse)
+    _close(shifted @ b, expected @ b + 2 * b, 1e-9)
+    lambda_min = float(torch.linalg.eigvalsh(a)[0])
+    top = hesse.eigsh(inverse, k=1, seed=0).eigenvalues[-1]
+    assert float(top) == pytest.approx(1 / (lambda_min + 0.5), rel=1e-8)
+
+
+def test_inverse_operator_of_a_curvature_operator_takes_dicts() -> None:
+    case = _mlp()
+    ggn = hesse.GGNOperator(case.model, case.criterion, (case.inputs, case.target))
+    inverse = hesse.InverseOperator(ggn, damping=0.1, tol=1e-12)
+    v = _rhs(ggn.shape[0])
+    as_dict = inverse @ ggn.layout.unflatten(v)
+    assert set(as_dict) == set(ggn.param_names)
+    _close(ggn.layout.flatten(as_dict), _exact(ggn.to_dense(), v, 0.1), 1e-8)
+    assert inverse.shard == ggn.shard
+
+
+def test_inverse_operator_refuses_to_return_an_unconverged_product() -> None:
+    inverse = hesse.InverseOperator(_spd(), damping=0.0, max_iter=2)
+    with pytest.raises(RuntimeError, match=r"cg did not reach .*tol=1e-06.*Raise max_iter"):
+        inverse @ _rhs(30)
+    assert inverse.last_result is not None and not bool(inverse.last_result.converged)
+
+
+# ------------------------------------------------------------------------- bad arguments
+
+
+def test_bad_arguments_name_the_argument() -> None:
+    a, b = _spd(10), _rhs(10)
+    cases: list[tuple[type[Exception], str, dict[str, Any]]] = [
+        (TypeError, "A: expected a symmetric", {"A": [[1.0]]}),
+        (ValueError, "A: expected a symmetric matrix", {"A": torch.triu(a)}),
+        (TypeError, "b: expected a tensor", {"b": [1.0] * 10}),
+        (ValueError, r"b: expected shape \(10,\) or \(10, K\)", {"b": _rhs(9)}),
+        (TypeError, r"b: expected dtype torch.float64 .*b.to\(torch.float64\)", {"b": b.float()}),
+        (ValueError, "b: contains NaN", {"b": torch.full((10,), float("nan"), dtype=DTYPE)}),
+        (TypeError, "damping: expected a real number", {"damping": "1e-3"}),
+        (ValueError, "damping: expected a finite number", {"damping": float("inf")}),
+        (ValueError, "method: expected 'cg'", {"method": "gmres"}),
+        (ValueError, "tol: expected a finite number > 0", {"tol": 0.0}),
+        (TypeError, "max_iter: expected an int", {"max_iter": 2.5}),
+        (ValueError, "max_iter: expected an int >= 0", {"max_iter": -1}),
+        (ValueError, r"x0: expected the shape of b, \(10,\)", {"x0": _rhs(10, 2)}),
+        (ValueError, "scale: only method='lissa'", {"scale": 2.0}),
+        (ValueError, "scale: expected a finite number > 0", {"scale": -1.0, "method": "lissa"}),
+        (ValueError, "preconditioner: LiSSA takes none", {"method": "lissa", "preconditioner": b}),
+        (
+            ValueError,
+            r"preconditioner: a 1-D tensor .* needs shape \(10,\)",
+            {"preconditioner": _rhs(9)},
+        ),
+        (
+            ValueError,
+            "preconditioner: the diagonal of M⁻¹ must be positive",
+            {"preconditioner": -b.abs()},
+        ),
+        (
+            ValueError,
+            r"preconditioner: expected an operator of shape \(10, 10\)",
+            {"preconditioner": _spd(5)},
+        ),
+        (TypeError, "preconditioner: expected a symmetric", {"preconditioner": "jacobi"}),
+    ]
+    for error, message, change in cases:
+        kwargs: dict[str, Any] = {"A": a, "b": b, **change}
+        with pytest.raises(error, match=message):
+            hesse.solve(kwargs.pop("A"), kwargs.pop("b"), **kwargs)
+
+
+def test_an_indefinite_preconditioner_is_refused() -> None:
+    a, b = _spd(10), _rhs(10)
+    with pytest.raises(ValueError, match="preconditioner: .* not positive definite"):
+        hesse.solve(a, b, preconditioner=-torch.eye(10, dtype=DTYPE))
+    with pytest.raises(ValueError, match="preconditioner: .* not positive definite"):
+        hesse.solve(a, b, method="minres", preconditioner=-torch.eye(10, dtype=DTYPE))
+
+
+def test_inverse_operator_bad_arguments() -> None:
+    a = _spd(10)
+    with pytest.raises(TypeError, match="damping: expected a real number"):
+        hesse.InverseOperator(a, damping=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="method: expected"):
+        hesse.InverseOperator(a, damping=1.0, method="lu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="preconditioner: the diagonal"):
+        hesse.InverseOperator(a, damping=1.0, preconditioner=torch.zeros(10, dtype=DTYPE))
+    inverse = hesse.InverseOperator(a, damping=1.0)
+    with pytest.raises(ValueError, match=r"vector: expected shape \(10,\)"):
+        inverse @ _rhs(3)
+    with pytest.raises(TypeError, match="vector: a dict needs the parameter layout"):
+        inverse @ {"w": _rhs(10)}
+
+
+def test_a_product_that_is_not_finite_is_reported() -> None:
+    class Broken(Counting):
+        def __matmul__(self, v: Tensor) -> Tensor:
+            return torch.full_like(v, float("nan"))
+
+    with pytest.raises(ValueError, match="A: a product A @ V returned NaN"):
+        hesse.solve(Broken(_spd(10)), _rhs(10))
