@@ -179,9 +179,8 @@ def _linear_records(
             continue
         weight = leaves[site.weight] if site.weight else m.weight
         bias = leaves[site.bias] if site.bias else m.bias
-        with torch.no_grad():
-            if not _close(z.detach(), F.linear(a.detach(), weight.detach(), _detach(bias))):
-                continue
+        if not _is_affine(a.detach(), z.detach(), weight.detach(), _detach(bias)):
+            continue
         kept.append((site, a.detach().reshape(batch, -1, m.in_features), z))
     return kept
 
@@ -190,12 +189,48 @@ def _detach(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
+def _probe(size: int, like: Tensor) -> Tensor:
+    """A fixed random vector: checks by random projection see any change but cost a product."""
+    g = torch.Generator(device="cpu").manual_seed(size)
+    return torch.randn(size, generator=g, dtype=like.dtype).to(like.device)
+
+
+def _projected(actual: Tensor, expected: Tensor, scale: Tensor, slack: float) -> bool:
+    """``actual == expected`` up to rounding, ``scale`` bounding the magnitudes summed."""
+    eps = torch.finfo(actual.dtype).eps
+    bound = slack * eps * max(float(scale.max()) if scale.numel() else 0.0, 1e-30)
+    return float((actual - expected).abs().max()) <= bound if actual.numel() else True
+
+
+def _is_affine(a: Tensor, z: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """``z == a Wᵀ + b``, checked along a random direction ``r``: ``z r == a (Wᵀ r) + b·r``.
+
+    A forward hook or a subclass that changes the output fails it with probability one, at
+    the cost of a matrix-vector product instead of the layer's matrix product.
+    """
+    with torch.no_grad():
+        r = _probe(z.shape[-1], z)
+        expected = a @ (weight.T @ r)
+        scale = a.abs() @ (weight.abs().T @ r.abs())
+        if bias is not None:
+            expected = expected + bias @ r
+            scale = scale + bias.abs() @ r.abs()
+        return _projected(z @ r, expected, scale + (z.abs() @ r.abs()), slack=1e3)
+
+
 def _gradient_matches(site: Site, a: Tensor, gz: Tensor, grads: dict[str, Tensor]) -> bool:
-    """The gradient in the layer's parameters equals the one through its outputs."""
-    g = gz.reshape(-1, gz.shape[-1])
-    weight = a.reshape(-1, a.shape[-1])
-    if site.weight is not None and not _close(grads[site.weight], g.T @ weight, slack=1e4):
-        return False
+    """The gradient in the layer's parameters equals the one through its outputs.
+
+    ``∇_W = gᵀ a`` checked along a random direction (``∇_W r == gᵀ (a r)``), ``∇_b = Σ g``.
+    """
+    g = gz.detach().reshape(-1, gz.shape[-1])
+    inputs = a.reshape(-1, a.shape[-1])
+    if site.weight is not None:
+        r = _probe(inputs.shape[-1], inputs)
+        actual = grads[site.weight].detach() @ r
+        scale = g.abs().T @ (inputs.abs() @ r.abs()) + grads[site.weight].detach().abs() @ r.abs()
+        if not _projected(actual, g.T @ (inputs @ r), scale, slack=1e4):
+            return False
     return site.bias is None or _close(grads[site.bias], g.sum(0), slack=1e4)
 
 
