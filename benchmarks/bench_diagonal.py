@@ -332,9 +332,13 @@ SPECS: dict[str, Callable[[], Callable[[], Any]]] = {
     "quick/func": lambda: func_call([8, 16, 4], 32),
 }
 WARM = ("quick/hesse", "quick/backpack")
+# One child process per group. The general path and torch.func allocate hundreds of MB per
+# call, and timed next to them the millisecond methods slowed down round after round (glibc's
+# allocator): the head-to-head rows run in a process of their own.
 GROUPS = {
-    "diag": ["diag/hesse", "diag/backpack", "diag/general", "diag/func"],
-    "ggn": ["ggn/hesse", "ggn/backpack", "ggn/general", "mc/hesse", "mc/backpack"],
+    "diag": ["diag/hesse", "diag/backpack"],
+    "ggn": ["ggn/hesse", "ggn/backpack", "mc/hesse", "mc/backpack"],
+    "general": ["diag/general", "diag/func", "ggn/general"],
     "structured": [
         "cnn/hesse",
         "cnn/general",
@@ -388,7 +392,8 @@ def report(
         "Command: `python benchmarks/bench_diagonal.py`  ",
         f"{THREADS} threads, float32, medians of {rounds} round-robin rounds; BackPACK "
         "works on a deep copy of the model. The general path is hesse with the layer route "
-        "switched off (one Hessian column per parameter, vectorised).",
+        "switched off (one Hessian column per parameter, vectorised); it and torch.func run "
+        "in a process of their own, as each table group does.",
         "",
         f"### CE MLP 64-64-48-10 (Tanh), batch {BATCH}, N = {n:,}",
         "",

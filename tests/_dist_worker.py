@@ -62,7 +62,12 @@ def run(rank: int) -> dict[str, Any]:
     # differ, must agree on it (their collectives must match), and products stay right.
     out["block_path"] = h._block_path
     out["matmat_after"] = h @ v
-    out["ggn"] = hesse.GGNOperator(model, ce, data) @ v
+    ggn = hesse.GGNOperator(model, ce, data)
+    out["ggn"] = ggn @ v
+    out["ggn_diagonal"] = ggn.diagonal()  # the layer route, summed over the ranks
+    out["solve"] = hesse.solve(ggn, v, damping=0.1).solution
+    out["kfac"] = hesse.KFACOperator(model, ce, data).to_dense()  # factors all-reduced
+    out["ekfac"] = hesse.EKFACOperator(model, ce, data).to_dense()
     out["fisher"] = hesse.EmpiricalFisherOperator(model, ce, data) @ v
     out["local"] = hesse.HessianOperator(model, ce, data, distributed=False).num_samples
     for name, build in (

@@ -48,7 +48,13 @@ def test_every_rank_gets_the_single_process_result(ranks: list[dict[str, Any]], 
         assert_close(r["diagonal"], dense.diagonal())
         assert_close(r["eigsh"], torch.linalg.eigvalsh(dense)[-2:], rtol=1e-7)  # eigsh: 1.5e-8
         ce = nn.CrossEntropyLoss()
-        assert_close(r["ggn"], hesse.GGNOperator(model, ce, (x, y)) @ v)
+        ggn = hesse.GGNOperator(model, ce, (x, y))
+        assert_close(r["ggn"], ggn @ v)
+        assert_close(r["ggn_diagonal"], ggn.diagonal())
+        damped = ggn.to_dense() + 0.1 * torch.eye(ggn.shape[0], dtype=v.dtype)
+        assert_close(r["solve"], torch.linalg.solve(damped, v), rtol=1e-5)  # CG: tol 1e-6
+        assert_close(r["kfac"], hesse.KFACOperator(model, ce, (x, y)).to_dense())
+        assert_close(r["ekfac"], hesse.EKFACOperator(model, ce, (x, y)).to_dense())
         assert_close(r["fisher"], hesse.EmpiricalFisherOperator(model, ce, (x, y)) @ v)
 
 

@@ -198,6 +198,35 @@ class Keyword(nn.Module):
         return self.lin(input=x)
 
 
+class ResidualNorm(nn.Module):
+    """x + W2 tanh(W1 LayerNorm(x)), then a head: residual branches around linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(6)
+        self.up = nn.Linear(6, 5)
+        self.down = nn.Linear(5, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x + self.down(torch.tanh(self.up(self.norm(x)))))
+
+
+def _cnn_batchnorm() -> nn.Module:
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 2, 3)),
+        nn.Conv2d(1, 2, 2, padding=1),
+        nn.BatchNorm2d(2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(24, 2),
+    )
+    with torch.no_grad():  # statistics that are not the identity's
+        model[2].running_mean.copy_(torch.tensor([0.3, -0.2]))
+        model[2].running_var.copy_(torch.tensor([1.5, 0.7]))
+    return model
+
+
 def _hooked() -> nn.Module:
     model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
     model[0].register_forward_hook(lambda m, args, out: out * 1.5 + out.pow(2))
@@ -226,6 +255,14 @@ DEFEATS: dict[str, tuple[Callable[[], nn.Module], Callable[..., Tensor], set[str
     "sequence": (Sequence, nn.MSELoss(), {"lin.weight", "lin.bias", "head.weight", "head.bias"}),
     "keyword": (Keyword, nn.MSELoss(), set()),
     "hooked": (_hooked, nn.MSELoss(), {"2.weight", "2.bias"}),
+    # layers on residual branches are still entered once per sample: all linear layers route
+    "residual_norm": (
+        ResidualNorm,
+        nn.MSELoss(),
+        {"up.weight", "up.bias", "down.weight", "down.bias", "head.weight", "head.bias"},
+    ),
+    # BatchNorm in eval mode is per sample: the head routes, the convolution does not
+    "cnn_batchnorm": (_cnn_batchnorm, nn.MSELoss(), {"5.weight", "5.bias"}),
     "coupling_loss": (
         lambda: nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)),
         _coupling_loss,
@@ -497,3 +534,35 @@ def test_factored_ggn_steps_aside_where_a_parameter_is_off_the_route() -> None:
     v = torch.randn(op.shape[0], 5, generator=_gen(2), dtype=F64)  # 4+ columns try the factors
     assert_close(op @ v, oracle_ggn(model, nn.CrossEntropyLoss(), x, y) @ v)
     assert op._factored_off
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_empirical_fisher_diagonal_equals_squared_per_sample_gradients(name: str) -> None:
+    case: Case = copy.deepcopy(CASES[name])
+    if name == "lstm":
+        pytest.skip("vmap cannot batch nn.LSTM over samples (covered by the loop's own tests)")
+    names = [n for n, p in case.model.named_parameters() if p.requires_grad]
+    values = {n: p.detach() for n, p in case.model.named_parameters() if p.requires_grad}
+    case.model.eval()
+    rows = []
+    for i in range(case.inputs[0].shape[0]):  # a loop over samples: the independent oracle
+        sample = tuple(t[i : i + 1] for t in case.inputs)
+        leaves = {n: v.clone().requires_grad_() for n, v in values.items()}
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            loss = case.criterion(
+                torch.func.functional_call(case.model, leaves, sample), case.target[i : i + 1]
+            )
+        grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(leaves[n])).reshape(-1)
+                    for g, n in zip(grads, names)
+                ]
+            )
+        )
+    g = torch.stack(rows)
+    fisher = hesse.EmpiricalFisherOperator(case.model, case.criterion, (case.inputs, case.target))
+    reduction = getattr(case.criterion, "reduction", "mean")
+    expected = g.pow(2).mean(0) if reduction != "sum" else g.pow(2).sum(0)
+    assert_close(fisher.diagonal(), expected)

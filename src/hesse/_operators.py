@@ -875,14 +875,22 @@ class GGNOperator(CurvatureOperator):
         return outputs
 
     def _linearise(
-        self, batch: Batch
+        self, batch: Batch, sub: ParamLayout | None = None, theta: Tensor | None = None
     ) -> tuple[
         Callable[[Tensor], Tensor],
         Callable[[Tensor], Tensor],
         Callable[[Tensor], Tensor],
         tuple[int, ...],
     ]:
-        z, j, jt = _jacobian_products(self._outputs(batch), self._state.theta)
+        """``J``, ``H``, ``Jᵀ`` and the outputs' shape; in the blocks of ``sub`` if given."""
+        if sub is None or theta is None:
+            z, j, jt = _jacobian_products(self._outputs(batch), self._state.theta)
+        else:
+
+            def outputs(t: Tensor) -> Tensor:
+                return evaluate(self.model, sub.unflatten(t), batch.inputs)
+
+            z, j, jt = _jacobian_products(outputs, theta)
 
         def loss_of_outputs(out: Tensor) -> Tensor:
             return criterion_loss(self.criterion, out, batch.target)
@@ -1047,28 +1055,36 @@ class GGNOperator(CurvatureOperator):
         blocks = ggn_diagonal_blocks(
             self.model, self.layout, params, batch.inputs, batch.size, factor
         )
-        out = self._general_diagonal(batch) if len(blocks) < len(self.layout.names) else None
-        if out is None:
-            out = theta.new_empty(theta.numel())
+        out = theta.new_empty(theta.numel())
         for name, block in blocks.items():
             out[self.layout.slice(name)] = block.reshape(-1)
+        rest = self.layout.restrict(n for n in self.layout.names if n not in blocks)
+        if rest.names:
+            # The general path differentiates only the parameters off the route.
+            general = self._general_diagonal(batch, rest)
+            for name, piece in zip(rest.names, general.split(rest.numels)):
+                out[self.layout.slice(name)] = piece
         return out
 
-    def _general_diagonal(self, batch: Batch) -> Tensor:
-        # diag(Jᵀ H J) = Σ_r J_r ⊙ (Jᵀ H e_r), over the output entries r, a chunk at a time.
+    def _general_diagonal(self, batch: Batch, sub: ParamLayout) -> Tensor:
+        # diag(Jᵀ H J) = Σ_r J_r ⊙ (Jᵀ H e_r), over the output entries r, a chunk at a time,
+        # for the blocks of `sub` (the other parameters keep their values).
+        full = self._state.theta
+        theta = torch.cat([full[self.layout.slice(n)] for n in sub.names])
+
         def vectorised(e: Tensor) -> Tensor:
-            _, h, jt, shape = self._linearise(batch)
+            _, h, jt, shape = self._linearise(batch, sub, theta)
             e = e.reshape(-1, *shape)
             return (vmap(jt)(e) * vmap(lambda u: jt(h(u)))(e)).sum(0)
 
         def looped(e: Tensor) -> Tensor:
-            theta, z, zd, gz, _, _ = self._autograd(batch)
+            whole, z, zd, gz, _, _ = self._autograd(batch)
             with torch.enable_grad():
-                out = torch.zeros_like(theta)
+                out = torch.zeros_like(whole)
                 for row in e.reshape(-1, *z.shape):
-                    weighted = _autograd_grad(z, theta, _autograd_grad(gz, zd, row))
-                    out += _autograd_grad(z, theta, row) * weighted
-            return out
+                    weighted = _autograd_grad(z, whole, _autograd_grad(gz, zd, row))
+                    out += _autograd_grad(z, whole, row) * weighted
+            return torch.cat([out[self.layout.slice(n)] for n in sub.names])
 
         columns = self._policy("diagonal")(
             [
@@ -1078,7 +1094,6 @@ class GGNOperator(CurvatureOperator):
         )
         with torch.no_grad():
             z_numel = self._outputs(batch)(self._state.theta).numel()
-        theta = self._state.theta
         out = theta.new_zeros(theta.numel())
         eye = torch.eye(z_numel, dtype=theta.dtype, device=theta.device)
         for start in range(0, z_numel, TARGET_COLUMNS):
