@@ -32,12 +32,12 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from hesse._data import Batch, Dataset, as_dataset
-from hesse._distributed import Shard, resolve_shard
+from hesse._distributed import resolve_shard
 from hesse._functional import criterion_loss, evaluate
 from hesse._layers import _batched_grad
 from hesse._layout import ParamLayout, Params
 from hesse._operators import _reduction
-from hesse._protocol import Operator
+from hesse._protocol import LayoutOperator
 from hesse._state import model_scope
 from hesse._validate import Seed, check_criterion, check_finite, check_model, check_seed, integer
 
@@ -319,7 +319,7 @@ class _Factors:
     g: dict[str, Tensor] = field(default_factory=dict)  # by site path
 
 
-class KFACOperator(Operator):
+class KFACOperator(LayoutOperator):
     r"""The KFAC approximation of the GGN/Fisher over a dataset, block-diagonal over layers.
 
     Each selected ``nn.Linear`` (inputs of any leading dimensions) or ``nn.Conv2d`` layer
@@ -466,30 +466,7 @@ class KFACOperator(Operator):
 
     # -- what it is -------------------------------------------------------------------------
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(N, N)``, N the number of selected parameter entries."""
-        return (self.layout.numel, self.layout.numel)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameters' dtype: vectors must have it, products return it."""
-        return self.layout.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The parameters' device."""
-        return self.layout.device
-
-    @property
-    def shard(self) -> Shard:
-        """Where the data live under ``torch.distributed`` (this process alone by default)."""
-        return self._shard
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        """The selected parameters' names, in the order of the rows."""
-        return self.layout.names
+    # shape, dtype, device, shard, param_names: `LayoutOperator`
 
     def __repr__(self) -> str:
         return (
@@ -742,7 +719,7 @@ class KFACOperator(Operator):
             TypeError: ``other`` is neither a tensor nor a dict, or has another dtype.
             ValueError: ``other`` has the wrong shape, device or dict keys.
         """
-        return _product(self, other, lambda v: self._apply(v, self._block_apply))
+        return self._product(other, lambda v: self._apply(v, self._block_apply))
 
     def to_dense(self) -> Tensor:
         """The ``(N, N)`` block-diagonal matrix, assembled from the factors.
@@ -1000,52 +977,7 @@ def _damping(damping: Any) -> float:
     return value
 
 
-def _product(op: Any, other: Any, apply: Callable[[Tensor], Tensor]) -> Any:
-    """``apply`` on ``(N, K)``, for ``(N,)``, ``(N, K)`` and name-keyed dicts."""
-    layout: ParamLayout = op.layout
-    if isinstance(other, dict):
-        if set(other) != set(layout.names):
-            raise ValueError(
-                f"vector: a dict needs exactly the keys {list(layout.names)}, got {list(other)}."
-            )
-        for name, shape in zip(layout.names, layout.shapes):
-            value = other[name]
-            if not isinstance(value, Tensor) or value.shape != shape:
-                given = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"vector[{name!r}]: expected shape {tuple(shape)}, got {given}.")
-        flat = _check_vector(op, layout.flatten(other))
-        return layout.unflatten(apply(flat[:, None])[:, 0])
-    matrix = _check_vector(op, other)
-    out = apply(matrix if matrix.ndim == 2 else matrix[:, None])
-    return out if matrix.ndim == 2 else out[:, 0]
-
-
-def _check_vector(op: Any, other: Any) -> Tensor:
-    if not isinstance(other, Tensor):
-        raise TypeError(
-            "vector: expected a tensor of shape (N,) or (N, K) or a dict of tensors keyed by "
-            f"parameter name, got {type(other).__name__}."
-        )
-    n = op.shape[0]
-    if other.ndim not in (1, 2) or other.shape[0] != n:
-        raise ValueError(
-            f"vector: expected shape ({n},) or ({n}, K) for this {n} x {n} operator, got "
-            f"{tuple(other.shape)}."
-        )
-    if other.dtype != op.dtype:
-        raise TypeError(
-            f"vector: expected dtype {op.dtype} (the parameters'), got {other.dtype}; convert "
-            f"it with v.to({op.dtype})."
-        )
-    if other.device != op.device:
-        raise ValueError(
-            f"vector: is on {other.device} but the operator is on {op.device}; move it with "
-            f"v.to({str(op.device)!r})."
-        )
-    return other
-
-
-class KFACInverse(Operator):
+class KFACInverse(LayoutOperator):
     r"""The damped inverse of a `KFACOperator` or `EKFACOperator`, from `KFACOperator.inverse`.
 
     Applied block by block in the Kronecker eigenbasis, $Q \operatorname{diag}(1/(\lambda +
@@ -1071,22 +1003,7 @@ class KFACInverse(Operator):
         self._scales = scales
         self.damping = damping
         self.layout = op.layout
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self._op.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._op.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._op.device
-
-    @property
-    def shard(self) -> Shard:
-        return self._op.shard
+        self._shard = op.shard
 
     def __repr__(self) -> str:
         return f"KFACInverse(of={type(self._op).__name__}, damping={self.damping})"
@@ -1099,8 +1016,7 @@ class KFACInverse(Operator):
             ValueError: ``other`` has the wrong shape, device or dict keys.
         """
         op = self._op
-        return _product(
-            self,
+        return self._product(
             other,
             lambda v: op._apply(v, lambda b, m: op._spectral_apply(b, m, self._scales[id(b)])),
         )

@@ -26,7 +26,7 @@ from torch.func import grad, vjp, vmap
 
 from hesse._curvature import check_independent_samples, dense, diagonal, loss_curvature
 from hesse._data import Batch, Dataset, as_dataset
-from hesse._distributed import Shard, global_seed, resolve_shard
+from hesse._distributed import global_seed, resolve_shard
 from hesse._functional import criterion_loss, evaluate, loss, sample_loss_function
 from hesse._layers import (
     Factor,
@@ -41,7 +41,7 @@ from hesse._layers import (
 )
 from hesse._layout import ParamLayout, Params
 from hesse._memory import TARGET_COLUMNS, plan_chunk
-from hesse._protocol import Operator
+from hesse._protocol import LayoutOperator
 from hesse._state import check_training, model_scope
 from hesse._transforms import Fallbacks, Strategy
 from hesse._validate import (
@@ -100,7 +100,7 @@ class _Session:
     bar: Any = None  # the call's progress bar (tqdm), with progress=True
 
 
-class CurvatureOperator(Operator):
+class CurvatureOperator(LayoutOperator):
     """A symmetric curvature matrix of ``criterion(model(*inputs), target)`` over ``data``.
 
     Every product answers for the model, data and criterion as they are when it runs: the
@@ -229,32 +229,7 @@ class CurvatureOperator(Operator):
             )
         return sum(count for count, _, _ in ranks)
 
-    # -- what it is ---------------------------------------------------------------------------
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(N, N)``, N the number of selected parameter entries."""
-        return (self.layout.numel, self.layout.numel)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameters' dtype: vectors must have it, products return it."""
-        return self.layout.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The parameters' device: vectors must live there."""
-        return self.layout.device
-
-    @property
-    def shard(self) -> Shard:
-        """Where the data live under ``torch.distributed`` (this process alone by default)."""
-        return self._shard
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        """The selected parameters' names, in the order of the rows."""
-        return self.layout.names
+    # -- what it is (shape, dtype, device, shard, param_names: `LayoutOperator`) -------------
 
     @property
     def num_samples(self) -> int:
@@ -390,14 +365,7 @@ class CurvatureOperator(Operator):
                 changed (see `session`), or the data hold no samples in this pass.
         """
         with self.session():
-            if isinstance(other, dict):
-                flat = self._check_dict(other)
-                return self.layout.unflatten(self._matmat(flat[:, None])[:, 0])
-            matrix = self._check_vector(other)
-            if matrix.ndim == 2 and matrix.shape[1] == 0:
-                return matrix.new_zeros(matrix.shape)
-            out = self._matmat(matrix if matrix.ndim == 2 else matrix[:, None])
-            return out if matrix.ndim == 2 else out[:, 0]
+            return self._product(other, self._matmat)
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         """``(N, K) -> (N, K)``: a vectorised block, or K single products if faster.
@@ -534,43 +502,6 @@ class CurvatureOperator(Operator):
         self._num_samples, self._num_batches = count, batches
         out = self.shard.all_reduce(out)
         return out.div_(count) if mean else out
-
-    def _check_vector(self, other: Any) -> Tensor:
-        if not isinstance(other, Tensor):
-            raise TypeError(
-                f"vector: expected a tensor of shape (N,) or (N, K) or a dict of tensors keyed "
-                f"by parameter name, got {type(other).__name__}."
-            )
-        n = self.layout.numel
-        if other.ndim not in (1, 2) or other.shape[0] != n:
-            raise ValueError(
-                f"vector: expected shape ({n},) or ({n}, K) for this {self.shape[0]} x "
-                f"{self.shape[1]} operator, got {tuple(other.shape)}."
-            )
-        if other.dtype != self.dtype:
-            raise TypeError(
-                f"vector: expected dtype {self.dtype} (the parameters'), got {other.dtype}; "
-                f"convert it with v.to({self.dtype})."
-            )
-        if other.device != self.device:
-            raise ValueError(
-                f"vector: is on {other.device} but the operator is on {self.device}; move it "
-                f"with v.to({str(self.device)!r})."
-            )
-        return normal_tensor(other)
-
-    def _check_dict(self, other: dict[str, Tensor]) -> Tensor:
-        if set(other) != set(self.layout.names):
-            raise ValueError(
-                f"vector: a dict needs exactly the keys {list(self.layout.names)}, got "
-                f"{list(other)}."
-            )
-        for name, shape in zip(self.layout.names, self.layout.shapes):
-            value = other[name]
-            if not isinstance(value, Tensor) or value.shape != shape:
-                given = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"vector[{name!r}]: expected shape {tuple(shape)}, got {given}.")
-        return self._check_vector(self.layout.flatten(other))
 
     def _check_fits(self, shape: tuple[int, ...]) -> None:
         plan_chunk(

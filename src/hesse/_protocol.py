@@ -23,8 +23,10 @@ import torch
 from torch import Tensor
 
 from hesse._distributed import Shard
+from hesse._layout import ParamLayout
+from hesse._validate import normal_tensor
 
-__all__ = ["Operator", "SymmetricOperator"]
+__all__ = ["LayoutOperator", "Operator", "SymmetricOperator"]
 
 
 @runtime_checkable
@@ -193,3 +195,88 @@ class Operator(ABC):
         from hesse._algebra import LinearCombination
 
         return LinearCombination([(-1.0, self)])
+
+
+class LayoutOperator(Operator):
+    """An operator on the flat vector of a `ParamLayout`: hesse's curvature operators and KFAC.
+
+    ``layout`` sets ``shape``, ``dtype``, ``device`` and ``param_names``; ``_shard`` is where its
+    data live. `_product` checks an operand and applies a ``(N, K) -> (N, K)`` map to it in
+    the form it came: ``(N,)``, ``(N, K)`` or a dict keyed by parameter name.
+    """
+
+    layout: ParamLayout
+    _shard: Shard
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, N)``, N the number of selected parameter entries."""
+        return (self.layout.numel, self.layout.numel)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype: vectors must have it, products return it."""
+        return self.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The parameters' device: vectors must live there."""
+        return self.layout.device
+
+    @property
+    def shard(self) -> Shard:
+        """Where the data live under ``torch.distributed`` (this process alone by default)."""
+        return self._shard
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The selected parameters' names, in the order of the rows."""
+        return self.layout.names
+
+    def _product(self, other: Any, apply: Any) -> Any:
+        """``apply`` (``(N, K) -> (N, K)``) on ``other``, returned in ``other``'s form."""
+        if isinstance(other, dict):
+            flat = self._check_dict(other)
+            return self.layout.unflatten(apply(flat[:, None])[:, 0])
+        matrix = self._check_vector(other)
+        if matrix.ndim == 2 and matrix.shape[1] == 0:
+            return matrix.new_zeros(matrix.shape)
+        out = apply(matrix if matrix.ndim == 2 else matrix[:, None])
+        return out if matrix.ndim == 2 else out[:, 0]
+
+    def _check_vector(self, other: Any) -> Tensor:
+        if not isinstance(other, Tensor):
+            raise TypeError(
+                f"vector: expected a tensor of shape (N,) or (N, K) or a dict of tensors keyed "
+                f"by parameter name, got {type(other).__name__}."
+            )
+        n = self.layout.numel
+        if other.ndim not in (1, 2) or other.shape[0] != n:
+            raise ValueError(
+                f"vector: expected shape ({n},) or ({n}, K) for this {n} x {n} operator, got "
+                f"{tuple(other.shape)}."
+            )
+        if other.dtype != self.dtype:
+            raise TypeError(
+                f"vector: expected dtype {self.dtype} (the parameters'), got {other.dtype}; "
+                f"convert it with v.to({self.dtype})."
+            )
+        if other.device != self.device:
+            raise ValueError(
+                f"vector: is on {other.device} but the operator is on {self.device}; move it "
+                f"with v.to({str(self.device)!r})."
+            )
+        return normal_tensor(other)
+
+    def _check_dict(self, other: dict[str, Tensor]) -> Tensor:
+        if set(other) != set(self.layout.names):
+            raise ValueError(
+                f"vector: a dict needs exactly the keys {list(self.layout.names)}, got "
+                f"{list(other)}."
+            )
+        for name, shape in zip(self.layout.names, self.layout.shapes):
+            value = other[name]
+            if not isinstance(value, Tensor) or value.shape != shape:
+                given = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"vector[{name!r}]: expected shape {tuple(shape)}, got {given}.")
+        return self._check_vector(self.layout.flatten(other))
