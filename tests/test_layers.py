@@ -566,3 +566,17 @@ def test_empirical_fisher_diagonal_equals_squared_per_sample_gradients(name: str
     reduction = getattr(case.criterion, "reduction", "mean")
     expected = g.pow(2).mean(0) if reduction != "sum" else g.pow(2).sum(0)
     assert_close(fisher.diagonal(), expected)
+
+
+def test_an_in_place_activation_after_a_layer_keeps_the_route() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).to(F64)
+    x, y = _randn(8, 5), torch.randint(0, 3, (8,), generator=_gen(1))
+    crit = nn.CrossEntropyLoss()
+    assert covered(model, crit, x, y) == {n for n, _ in model.named_parameters()}
+    case = Case("inplace", model, (x,), y, crit)
+    assert_close(
+        hesse.loss_hessian_diagonal(model, crit, x, y), oracle_loss_hessian(case).diagonal()
+    )
+    expected = oracle_ggn(model, crit, x, y).diagonal()
+    assert_close(hesse.GGNOperator(model, crit, (x, y)).diagonal(), expected)

@@ -22,8 +22,7 @@ from the factors and cached eigendecompositions, never from an ``N x N`` matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 from hesse._data import Batch, Dataset, as_dataset
 from hesse._distributed import resolve_shard
 from hesse._functional import criterion_loss, evaluate
-from hesse._layers import _batched_grad
+from hesse._layers import Record, _batched_grad, recording
 from hesse._layout import ParamLayout, Params
 from hesse._operators import _reduction
 from hesse._protocol import LayoutOperator
@@ -85,13 +84,6 @@ class _Block:
     @property
     def rows(self) -> int:
         return self.site.d_out * self.d_a
-
-
-@dataclass
-class _Record:
-    calls: int = 0
-    a: Any = None
-    z: Any = None
 
 
 def _conv_padding(module: nn.Conv2d) -> tuple[int, int]:
@@ -177,34 +169,6 @@ def _blocks(sites: list[_Site], layout: ParamLayout) -> list[_Block]:
         if site.bias is not None:
             blocks.append(_Block(site, "bias", [(layout.slice(site.bias), 1)]))
     return blocks
-
-
-@contextmanager
-def _recording(sites: list[_Site]) -> Iterator[list[_Record]]:
-    """Record each layer's input and output; the output passed on is a copy.
-
-    The copy keeps the recorded output intact when the next module works in place
-    (``nn.ReLU(inplace=True)``), so gradients with respect to it are the layer's own.
-    """
-    records = [_Record() for _ in sites]
-    handles = []
-
-    def hook_for(record: _Record) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            record.calls += 1
-            record.a = args[0] if len(args) == 1 and isinstance(args[0], Tensor) else None
-            record.z = output
-            return output.clone() if isinstance(output, Tensor) else output
-
-        return hook
-
-    try:
-        for site, record in zip(sites, records):
-            handles.append(site.module.register_forward_hook(hook_for(record)))
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # -- the factor of the loss Hessian in the outputs ---------------------------------------------
@@ -554,7 +518,10 @@ class KFACOperator(LayoutOperator):
                 if not batch.size:
                     continue
                 count += batch.size
-                with torch.enable_grad(), _recording(self._sites) as records:
+                with (
+                    torch.enable_grad(),
+                    recording([site.module for site in self._sites]) as records,
+                ):
                     f = evaluate(self.model, leaves, batch.inputs)
                 _check_output(self.criterion, f, batch.target)
                 inputs = [self._inputs(s, r, batch.size) for s, r in zip(self._sites, records)]
@@ -581,7 +548,7 @@ class KFACOperator(LayoutOperator):
             raise ValueError("data: no samples; KFAC needs data to have curvature.")
         return count
 
-    def _inputs(self, site: _Site, record: _Record, batch: int) -> Tensor:
+    def _inputs(self, site: _Site, record: Record, batch: int) -> Tensor:
         """The layer's input as ``(B, T, d_a)`` in the factors' dtype (patches for a conv)."""
         a, z, module = record.a, record.z, site.module
         where = site.path or "the model"

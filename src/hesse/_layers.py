@@ -42,6 +42,7 @@ from hesse._layout import ParamLayout
 __all__ = [
     "FactoredGGN",
     "GGNFactors",
+    "Record",
     "check_sampled",
     "exact_factor",
     "factored_ggn",
@@ -50,6 +51,7 @@ __all__ = [
     "hessian_diagonal_blocks",
     "linear_sites",
     "model_diagonal_blocks",
+    "recording",
     "sampled_factor",
 ]
 
@@ -73,7 +75,9 @@ class Site:
 
 
 @dataclass
-class _Record:
+class Record:
+    """What a forward hook saw of one module: how often it ran, its input and its output."""
+
     calls: int = 0
     a: Any = None
     z: Any = None
@@ -95,22 +99,28 @@ def linear_sites(model: nn.Module, layout: ParamLayout) -> list[Site]:
 
 
 @contextmanager
-def _recording(sites: list[Site]) -> Iterator[list[_Record]]:
-    """Record each site's calls, input and output during a forward pass; hooks removed after."""
-    records = [_Record() for _ in sites]
+def recording(modules: list[nn.Module]) -> Iterator[list[Record]]:
+    """Record each module's calls, input and output during a forward pass; hooks removed after.
+
+    The output passed on is a copy, so that the recorded one stays the module's own when the
+    next module works in place (``nn.ReLU(inplace=True)``): derivatives with respect to it
+    are then the layer's.
+    """
+    records = [Record() for _ in modules]
     handles = []
 
-    def hook_for(record: _Record) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def hook_for(record: Record) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             record.calls += 1
-            record.a = args[0] if len(args) == 1 else None
+            record.a = args[0] if len(args) == 1 and isinstance(args[0], Tensor) else None
             record.z = output
+            return output.clone() if isinstance(output, Tensor) else output
 
         return hook
 
     try:
-        for site, record in zip(sites, records):
-            handles.append(site.module.register_forward_hook(hook_for(record)))
+        for module, record in zip(modules, records):
+            handles.append(module.register_forward_hook(hook_for(record)))
         yield records
     finally:
         for handle in handles:
@@ -150,7 +160,7 @@ def _uses(root: Tensor, leaves: dict[str, Tensor]) -> dict[int, int]:
 
 def _linear_records(
     sites: list[Site],
-    records: list[_Record],
+    records: list[Record],
     leaves: dict[str, Tensor],
     batch: int,
     uses: dict[int, int],
@@ -330,7 +340,7 @@ def hessian_diagonal_blocks(
         return {}
     leaves = {n: params[n].detach().requires_grad_() for n in layout.names}
     with torch.enable_grad():
-        with _recording(sites) as records:
+        with recording([site.module for site in sites]) as records:
             value = run_loss(leaves)
         if not value.requires_grad:
             return {}
@@ -406,7 +416,7 @@ def model_diagonal_blocks(
         return {}
     leaves = {n: params[n].detach().requires_grad_() for n in layout.names}
     with torch.enable_grad():
-        with _recording(sites) as records:
+        with recording([site.module for site in sites]) as records:
             f = evaluate(model, leaves, inputs)
         if not isinstance(f, Tensor) or not f.requires_grad or f.shape != (batch, *sample_shape):
             return {}
@@ -511,7 +521,7 @@ def ggn_factors(
         return None
     leaves = {n: params[n].detach().requires_grad_() for n in layout.names}
     with torch.enable_grad():
-        with _recording(sites) as records:
+        with recording([site.module for site in sites]) as records:
             f = evaluate(model, leaves, inputs)
         if not isinstance(f, Tensor) or not f.requires_grad or f.ndim == 0 or f.shape[0] != batch:
             return None
