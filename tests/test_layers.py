@@ -580,3 +580,54 @@ def test_an_in_place_activation_after_a_layer_keeps_the_route() -> None:
     )
     expected = oracle_ggn(model, crit, x, y).diagonal()
     assert_close(hesse.GGNOperator(model, crit, (x, y)).diagonal(), expected)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_single_ggn_products_in_forward_mode_and_through_the_kept_graph(name: str) -> None:
+    case: Case = copy.deepcopy(CASES[name])
+    if len(case.inputs) != 1:
+        pytest.skip("the oracle takes one input")
+    x = case.inputs[0]
+    dense = oracle_ggn(case.model, case.criterion, x, case.target)
+    v = torch.randn(dense.shape[0], generator=_gen(3), dtype=F64)
+    # Several batches keep no graph: every single product runs in forward mode.
+    halves = [(x[:2], case.target[:2]), (x[2:], case.target[2:])]
+    # A plain function that sums over samples: batches weighted 1, as one batch would be.
+    reduction = None if hasattr(case.criterion, "reduction") else "sum"
+    op = hesse.GGNOperator(case.model, case.criterion, halves, reduction=reduction)
+    with state_preserved(case.model):
+        assert_close(op @ v, dense @ v)
+        one = hesse.GGNOperator(case.model, case.criterion, (x, case.target))
+        with one.session():  # the first in forward mode, the next through the kept graph
+            assert_close(one @ v, dense @ v)
+            assert_close(one @ (2 * v), dense @ (2 * v))
+    assert not op._forward_off  # forward mode ran (nn.LSTM too, on torch 2.13)
+
+
+def test_a_model_without_forward_mode_falls_back_to_autograd() -> None:
+    class NoForward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def]
+            ctx.save_for_backward(x)
+            return torch.tanh(x)
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[no-untyped-def]
+            (x,) = ctx.saved_tensors
+            return grad * (1 - torch.tanh(x) ** 2)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(NoForward.apply(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Net().to(F64)
+    x, y = _randn(6, 4), _randn(6, 3, seed=1)
+    op = hesse.GGNOperator(model, nn.MSELoss(), [(x[:3], y[:3]), (x[3:], y[3:])])
+    v = torch.randn(op.shape[0], generator=_gen(3), dtype=F64)
+    assert_close(op @ v, oracle_ggn(model, nn.MSELoss(), x, y) @ v)
+    assert op._forward_off  # no jvp for the custom Function: the autograd graph served
