@@ -363,7 +363,10 @@ def _eigsh(
     if m <= k:
         raise ValueError(f"max_basis: must exceed k = {k}, got {m}.")
     g = _generator(seed, lin)
-    basis = torch.empty(n, m, dtype=lin.dtype, device=lin.device)
+    # Row j is the j-th Lanczos vector: contiguous rows make the reorthogonalisation two
+    # matrix-vector products on contiguous memory (a column layout cost 0.75 ms per step at
+    # N = 16,522, a third of a Hessian product's time).
+    rows = torch.empty(m, n, dtype=lin.dtype, device=lin.device)
     # P = QᵀAQ, grown one column per product from the reorthogonalisation coefficients: a
     # Krylov-Schur decomposition A Q = Q P + r e_lastᵀ, tridiagonal plus, after a restart,
     # an arrowhead. The residual of a Ritz pair (θ, Qs) is then ‖r‖·|s_last|, for free.
@@ -387,19 +390,19 @@ def _eigsh(
                 # An invariant subspace: continue from a fresh direction orthogonal to it.
                 q = torch.randn(n, generator=g, dtype=lin.dtype, device=lin.device)
                 for _ in range(2):
-                    q = q - basis[:, :size] @ (basis[:, :size].T @ q)
+                    q = q - rows[:size].T @ (rows[:size] @ q)
                 q = q / torch.linalg.vector_norm(q)
-            basis[:, size] = q
+            rows[size] = q
             w = lin.matmat(q[:, None])[:, 0]
             matvecs += 1
             # Full reorthogonalisation; a second pass only when the first removed most of w
             # (Kahan-Parlett "twice is enough").
             before = torch.linalg.vector_norm(w)
-            coefficients = basis[:, : size + 1].T @ w
-            w = w - basis[:, : size + 1] @ coefficients
+            coefficients = rows[: size + 1] @ w
+            w = w - rows[: size + 1].T @ coefficients
             if torch.linalg.vector_norm(w) < 0.7 * before:
-                correction = basis[:, : size + 1].T @ w
-                w = w - basis[:, : size + 1] @ correction
+                correction = rows[: size + 1] @ w
+                w = w - rows[: size + 1].T @ correction
                 coefficients = coefficients + correction
             projection[: size + 1, size] = coefficients
             projection[size, : size + 1] = coefficients
@@ -420,11 +423,11 @@ def _eigsh(
         keep = min(m - 1, k + max(2, (m - k) // 3))
         # The next column's reorthogonalisation coefficients rebuild the arrowhead couplings
         # ‖r‖·s_last,i by themselves, since Ritz vectors are orthogonal to r.
-        basis[:, :keep] = basis[:, :size] @ s_[:, :keep]
+        rows[:keep] = s_[:, :keep].T @ rows[:size]
         projection.zero_()
         projection[:keep, :keep] = torch.diag(theta[:keep])
         size = keep
-    vectors = basis[:, :size] @ s_[:, :k]
+    vectors = rows[:size].T @ s_[:, :k]
     return EigenResult(theta[:k], vectors, estimates, converged, matvecs)
 
 
