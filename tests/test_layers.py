@@ -512,13 +512,16 @@ def test_factored_ggn_products_equal_the_oracle(criterion: str) -> None:
         crit = nn.CrossEntropyLoss(reduction="sum" if criterion == "ce_sum" else "mean")
         y = torch.randint(0, 3, (9,), generator=_gen(1))
     op = hesse.GGNOperator(model, crit, [(x[:4], y[:4]), (x[4:], y[4:])])
+    op._factored_wins = True  # the factored path, whatever the timing would choose
     dense = oracle_ggn(model, crit, x, y)
     v = torch.randn(op.shape[0], 5, generator=_gen(2), dtype=F64)
     with state_preserved(model):
         assert_close(op @ v, dense @ v)
         assert_close(op @ v[:, 0], dense @ v[:, 0])
-        with op.session():  # a one-batch session keeps the factors
-            one = hesse.GGNOperator(model, crit, (x, y))
+        one = hesse.GGNOperator(model, crit, (x, y))
+        with one.session():  # a one-batch session keeps the factors; the first block is timed
+            assert_close(one @ v, dense @ v)  # both paths, one measured against the other
+            assert one._factored_wins is not None
             assert_close(one @ v, dense @ v)
     assert not op._factored_off  # the factored path served these products
     assert_close(
