@@ -519,8 +519,10 @@ def test_factored_ggn_products_equal_the_oracle(criterion: str) -> None:
         assert_close(op @ v, dense @ v)
         assert_close(op @ v[:, 0], dense @ v[:, 0])
         one = hesse.GGNOperator(model, crit, (x, y))
-        with one.session():  # a one-batch session keeps the factors; the first block is timed
-            assert_close(one @ v, dense @ v)  # both paths, one measured against the other
+        with one.session():  # over one batch: a lone block through autograd, then factors
+            assert_close(one @ v, dense @ v)
+            assert one._factored_wins is None  # the factors' setup waits for a second block
+            assert_close(one @ v, dense @ v)  # both paths, one timed against the other
             assert one._factored_wins is not None
             assert_close(one @ v, dense @ v)
     assert not op._factored_off  # the factored path served these products
@@ -535,7 +537,10 @@ def test_factored_ggn_steps_aside_where_a_parameter_is_off_the_route() -> None:
     x, y = _randn(9, 12), torch.randint(0, 3, (9,), generator=_gen(1))
     op = hesse.GGNOperator(model, nn.CrossEntropyLoss(), (x, y))
     v = torch.randn(op.shape[0], 5, generator=_gen(2), dtype=F64)  # 4+ columns try the factors
-    assert_close(op @ v, oracle_ggn(model, nn.CrossEntropyLoss(), x, y) @ v)
+    dense = oracle_ggn(model, nn.CrossEntropyLoss(), x, y)
+    with op.session():  # the second block of a one-batch session tries the factors
+        assert_close(op @ v, dense @ v)
+        assert_close(op @ v, dense @ v)
     assert op._factored_off
 
 
