@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from hesse._functional import criterion_loss, evaluate
 from hesse._layout import ParamLayout
+from hesse._transforms import _out_of_memory
 
 __all__ = [
     "FactoredGGN",
@@ -55,6 +56,9 @@ __all__ = [
     "sampled_factor",
 ]
 
+# In half precision a check's rounding slack would be the size of what it checks: those
+# models take the general path.
+_HALF = (torch.float16, torch.bfloat16)
 # Probes per batched backward pass, and the most probe entries (probes x B x d_out) at once.
 _PROBES = 256
 _PROBE_ENTRIES = 1 << 24
@@ -244,22 +248,29 @@ def _gradient_matches(site: Site, a: Tensor, gz: Tensor, grads: dict[str, Tensor
     return site.bias is None or _close(grads[site.bias], g.sum(0), slack=1e4)
 
 
-def _subset_probe(batch: int, width: int, like: Tensor, seed: int) -> tuple[Tensor, Tensor]:
-    """A random probe ``(B, width)`` confined to a random half of the samples (sample 0 in)."""
+def _partition_probes(batch: int, width: int, like: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """Random probes ``(P, B, width)``, probe ``j`` confined to the samples whose bit ``j`` is set.
+
+    ``P = ⌈log₂ B⌉``: every pair of samples is split by some probe, so a product that couples
+    any two samples moves some probe's mass outside its samples (`_confined`). With ``masks``
+    ``(P, B)``; one probe over every sample for ``B = 1``, where nothing can couple.
+    """
+    count = max(1, math.ceil(math.log2(batch))) if batch > 1 else 1
+    index = torch.arange(batch)
+    masks = (index[None, :] >> torch.arange(count)[:, None]) & 1 == 1 if batch > 1 else None
+    if masks is None:
+        masks = torch.ones(1, batch, dtype=torch.bool)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    inside = torch.rand(batch, generator=g) < 0.5
-    inside[0] = True
-    probe = torch.randn(batch, width, generator=g, dtype=like.dtype)
-    probe[~inside] = 0
-    return probe.to(like.device), inside.to(like.device)
+    probes = torch.randn(count, batch, width, generator=g, dtype=like.dtype) * masks[:, :, None]
+    return probes.to(like.device), masks.to(like.device)
 
 
-def _confined(result: Tensor, inside: Tensor) -> bool:
-    """The product of a probe confined to ``inside`` samples vanishes elsewhere."""
-    result = result.detach()
-    eps = torch.finfo(result.dtype).eps
-    scale = max(float(result.abs().max()) if result.numel() else 0.0, 1e-30)
-    outside = result[~inside]
+def _confined(results: Tensor, masks: Tensor) -> bool:
+    """The products ``(P, B, ...)`` of probes confined to ``masks`` vanish outside them."""
+    results = results.detach().reshape(*masks.shape, -1)
+    eps = torch.finfo(results.dtype).eps
+    scale = max(float(results.abs().max()) if results.numel() else 0.0, 1e-30)
+    outside = results[~masks]
     return outside.numel() == 0 or float(outside.abs().max()) <= 1e2 * eps * scale
 
 
@@ -276,7 +287,9 @@ def _batched_grad(
             got = torch.autograd.grad(
                 outputs, inputs, block, retain_graph=True, allow_unused=True, is_grads_batched=True
             )
-        except (RuntimeError, NotImplementedError):  # a backward vmap cannot batch: a loop
+        except (RuntimeError, NotImplementedError) as err:  # vmap cannot batch it: a loop
+            if _out_of_memory(err):
+                raise
             rows = [
                 torch.autograd.grad(outputs, inputs, p, retain_graph=True, allow_unused=True)
                 for p in block
@@ -336,7 +349,7 @@ def hessian_diagonal_blocks(
         route covers; the others are left to the general path.
     """
     sites = linear_sites(model, layout)
-    if not sites or batch == 0:
+    if not sites or batch == 0 or layout.dtype in _HALF:
         return {}
     leaves = {n: params[n].detach().requires_grad_() for n in layout.names}
     with torch.enable_grad():
@@ -363,16 +376,17 @@ def hessian_diagonal_blocks(
             continue  # more probes than the general path's columns
         if g is None or not g.requires_grad or not _gradient_matches(site, a, g, by_name):
             continue
-        check, inside = _subset_probe(batch, z[0].numel(), z, seed=k)
+        checks, masks = _partition_probes(batch, z[0].numel(), z, seed=k)
         probes = torch.cat(
-            [_unit_probes(batch, tuple(z.shape[1:]), z), check.reshape(z.shape)[None]]
+            [_unit_probes(batch, tuple(z.shape[1:]), z), checks.reshape(-1, *z.shape)]
         )
         with torch.enable_grad():
             (columns,) = _batched_grad(g, [z], probes)
-        if not _confined(columns[-1].reshape(batch, -1), inside):
+        units = positions * width
+        if not _confined(columns[units:], masks):
             continue
         # r[t, i, n, t2, i2] = [∇²_z L][(n, t2, i2), (n, t, i)]; only i2 = i enters the diagonal
-        r = columns[:-1].detach().reshape(positions, width, batch, positions, width)
+        r = columns[:units].detach().reshape(positions, width, batch, positions, width)
         r = r.diagonal(dim1=1, dim2=4)  # (T, B, T, d_out): [t, n, t2, i]
         if positions == 1:
             blocks.update(_assemble(site, a, r[0, :, 0]))
@@ -412,7 +426,7 @@ def model_diagonal_blocks(
     """
     sites = linear_sites(model, layout)
     outputs = math.prod(sample_shape)
-    if not sites or batch == 0 or outputs > _PROBES:
+    if not sites or batch == 0 or outputs > _PROBES or layout.dtype in _HALF:
         return {}
     leaves = {n: params[n].detach().requires_grad_() for n in layout.names}
     with torch.enable_grad():
@@ -429,9 +443,10 @@ def model_diagonal_blocks(
         if not found:
             return {}
         names = [n for site, _, _ in found for n in site.names]
-        check, inside = _subset_probe(batch, outputs, f, seed=0)
+        checks, masks = _partition_probes(batch, outputs, f, seed=0)
         units = _unit_probes(batch, (outputs,), f).reshape(outputs, *f.shape)
-        probes = torch.cat([units, check.reshape(1, *f.shape)])
+        probes = torch.cat([units, checks.reshape(-1, *f.shape)])
+        first = outputs  # the row of the first check probe
         got = torch.autograd.grad(
             f,
             [z for _, _, z in found] + [leaves[n] for n in names],
@@ -441,15 +456,14 @@ def model_diagonal_blocks(
             is_grads_batched=True,
         )
     by_name = {
-        n: _zeros_batched(g, leaves[n], outputs + 1)[-1] for n, g in zip(names, got[len(found) :])
+        n: _zeros_batched(g, leaves[n], probes.shape[0])[first]
+        for n, g in zip(names, got[len(found) :])
     }
     blocks: dict[str, Tensor] = {}
     for (site, a, z), g in zip(found, got[: len(found)]):
         if g is None:
             continue
-        if not _confined(g[-1].reshape(batch, -1), inside) or not _gradient_matches(
-            site, a, g[-1], by_name
-        ):
+        if not _confined(g[first:], masks) or not _gradient_matches(site, a, g[first], by_name):
             continue
         positions, width = a.shape[1], z.shape[-1]
         per = positions * width
@@ -458,7 +472,7 @@ def model_diagonal_blocks(
             eye = torch.eye(outputs * per, dtype=z.dtype, device=z.device)
             second = eye.reshape(outputs * per, outputs, 1, per).expand(-1, -1, batch, -1)
             with torch.enable_grad():
-                (columns,) = _batched_grad(g[:-1], [z], second.reshape(-1, outputs, *z.shape))
+                (columns,) = _batched_grad(g[:first], [z], second.reshape(-1, outputs, *z.shape))
         else:  # the outputs are linear in z (the last layer): no curvature through it
             columns = z.new_zeros(outputs * per, *z.shape)
         r = columns.detach().reshape(outputs, positions, width, batch, positions, width)
@@ -517,7 +531,7 @@ def ggn_factors(
         The factors of the layers that passed, or ``None`` when none did.
     """
     sites = linear_sites(model, layout)
-    if not sites or batch == 0:
+    if not sites or batch == 0 or layout.dtype in _HALF:
         return None
     leaves = {n: params[n].detach().requires_grad_() for n in layout.names}
     with torch.enable_grad():
@@ -533,19 +547,20 @@ def ggn_factors(
         return None
     s, sign = factor  # (C, B, *O) columns of each sample's factor, (C, B) signs
     names = [n for site, _, _ in found for n in site.names]
-    check, inside = _subset_probe(batch, s[0, 0].numel(), f, seed=0)
-    probes = torch.cat([s, check.reshape(1, *f.shape)])
+    checks, masks = _partition_probes(batch, s[0, 0].numel(), f, seed=0)
+    probes = torch.cat([s, checks.reshape(-1, *f.shape)])
+    first = s.shape[0]  # the row of the first check probe
     with torch.enable_grad():
         got = _batched_grad(f, [z for _, _, z in found] + [leaves[n] for n in names], probes)
-    by_name = {n: g[-1] for n, g in zip(names, got[len(found) :])}
+    by_name = {n: g[first] for n, g in zip(names, got[len(found) :])}
     layers = []
     for (site, a, _), m in zip(found, got[: len(found)]):
-        # m: (C + 1, B, *positions, d_out); the last row is the check probe's Jᵀ u.
-        if not _confined(m[-1].reshape(batch, -1), inside):
+        # m: (C + P, B, *positions, d_out); rows C on are the check probes' Jᵀ u.
+        if not _confined(m[first:], masks):
             continue
-        if not _gradient_matches(site, a, m[-1], by_name):
+        if not _gradient_matches(site, a, m[first], by_name):
             continue
-        layers.append((site, a, m[:-1].reshape(m.shape[0] - 1, batch, a.shape[1], -1).detach()))
+        layers.append((site, a, m[:first].reshape(first, batch, a.shape[1], -1).detach()))
     return GGNFactors(tuple(layers), sign) if layers else None
 
 
@@ -697,17 +712,17 @@ def _output_factor(
     with torch.enable_grad():
         value = criterion_loss(criterion, leaf, target)
         (g,) = torch.autograd.grad(value, leaf, create_graph=True)
-    check, inside = _subset_probe(batch, width, f, seed=1)
+    checks, masks = _partition_probes(batch, width, f, seed=1)
     units = _unit_probes(batch, (width,), f)
-    probes = torch.cat([units, check[None]]).reshape(width + 1, *f.shape)
+    probes = torch.cat([units, checks]).reshape(-1, *f.shape)
     if not g.requires_grad:  # a loss linear in the outputs: no curvature
         return torch.zeros(width, *f.shape, dtype=f.dtype, device=f.device), f.new_zeros(
             width, batch
         )
     with torch.enable_grad():
         (columns,) = _batched_grad(g, [leaf], probes)
-    columns = columns.reshape(width + 1, batch, width)
-    if not _confined(columns[-1], inside):
+    columns = columns.reshape(-1, batch, width)
+    if not _confined(columns[width:], masks):
         return None
     h = columns[:width].permute(1, 2, 0)  # h[n, :, c] = H_n e_c
     values, vectors = torch.linalg.eigh((h + h.mT) / 2)  # (B, C), (B, C, C)
@@ -777,7 +792,7 @@ def check_sampled(criterion: Any) -> None:
 
 
 def sampled_factor(
-    criterion: Any, batch: int, mc_samples: int, generator: torch.Generator
+    criterion: Any, target: Any, batch: int, mc_samples: int, generator: torch.Generator
 ) -> Callable[[Tensor], Factor | None]:
     r"""A Monte-Carlo factor of the outputs' loss Hessian from sampled labels (``DiagGGNMC``).
 
@@ -794,11 +809,20 @@ def sampled_factor(
         if type(criterion) is nn.CrossEntropyLoss:
             if f.ndim != 2:
                 return None
-            w = 1.0 / batch if mean else 1.0
+            # Samples whose target is ignore_index are left out of the loss: of its mean too.
+            kept = (
+                target != criterion.ignore_index
+                if isinstance(target, Tensor) and not target.is_floating_point()
+                else torch.ones(batch, dtype=torch.bool, device=f.device)
+            )
+            count = int(kept.sum())
+            if count == 0:
+                return f.new_zeros(mc_samples, *f.shape), f.new_ones(mc_samples, batch)
+            w = 1.0 / count if mean else 1.0
             p = torch.softmax(f, dim=1)
             labels = torch.multinomial(p.cpu(), mc_samples, replacement=True, generator=generator)
             onehot = F.one_hot(labels.T.to(f.device), f.shape[1]).to(f.dtype)  # (M, B, C)
-            s = (p[None] - onehot) * (w / mc_samples) ** 0.5
+            s = (p[None] - onehot) * (w / mc_samples) ** 0.5 * kept[None, :, None]
         else:
             c = 2.0 / f.numel() if mean else 2.0
             noise = torch.randn((mc_samples, *f.shape), generator=generator, dtype=f.dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -380,8 +380,9 @@ class CurvatureOperator(LayoutOperator):
         Vectorising K columns shares the forward pass and the gradient, but on some models
         (convolutions on the CPU) the batched second backward is slower than K plain ones: a
         ResNet-style CNN took 1.7 s for a block of 16 against 0.76 s for 16 single products.
-        The first two block products are timed against single products, once per operator,
-        and the faster path is kept; the numbers are the same either way.
+        The first few block products (two; three for the GGN, one of whose blocks times its
+        own alternatives) are timed against single products, once per operator, and the
+        faster path is kept; the numbers are the same either way.
         """
         k = matrix.shape[1]
         if k == 1 or self._block_path == "block":
@@ -890,9 +891,6 @@ class GGNOperator(CurvatureOperator):
         return factored
 
     def _batch_product(self, batch: Batch, v: Tensor) -> Tensor:
-        factored = self._factored(batch, 1)
-        if factored is not None:
-            return factored.matmat(v[None])[0]
         # Forward mode where no graph is kept (several batches) and for the first product of a
         # session (a lone product); from the second on, the kept graph is cheaper (Lanczos on
         # the MLP of the benchmarks, float32: 120 ms against 195 ms in forward mode).
@@ -984,9 +982,8 @@ class GGNOperator(CurvatureOperator):
         )
         # The factors' setup (C backward passes) pays off over repeated blocks: over one batch,
         # from a session's second block on (a block solver; they are then kept), not for a
-        # lone product (MLP of the benchmarks, K = 32: 36 ms with the setup, 9 ms without,
-        # 24 ms through autograd). Over several batches nothing is kept: the timing below
-        # counts each path's setup.
+        # lone product. Over several batches nothing is kept: the timing below counts each
+        # path's setup. (`blocks` counts calls here, chunks of at most 128 columns.)
         factored = None
         if self.data.num_batches != 1:
             factored = self._factored(batch, tangents.shape[0])
@@ -997,19 +994,23 @@ class GGNOperator(CurvatureOperator):
         if factored is None or self._factored_wins is False:
             return autograd(tangents)
         if self._factored_wins is None:
-            # Which is faster depends on the machine and dtype (float32 on the benchmark MLP:
-            # factored 34 ms against 48 ms for K = 32; float64, K = 16: 49 ms against 12 ms),
-            # so the first block takes both, once per operator; the numbers agree either way.
-            # Each is timed with what it would rebuild for every product: nothing over one
-            # batch (both kept for the session), its setup over several.
+            # Which is faster depends on the machine, the dtype and the sizes, so the first
+            # such block takes both paths, once per operator. Each is timed with what it
+            # rebuilds for every product: nothing over one batch (both kept for the session),
+            # its setup over several. The two results must agree: a check of the factors.
             self._timing_spoilt = True
-            linearised()
+            with suppress(RuntimeError, NotImplementedError):
+                linearised()  # torch.func may fail here: the policy below falls back
             start = time.perf_counter()
             factored = self._factored(batch, tangents.shape[0]) or factored
             out = factored.matmat(tangents)
             middle = time.perf_counter()
-            autograd(tangents)
+            other = autograd(tangents)
             self._factored_wins = middle - start <= time.perf_counter() - middle
+            tol = torch.finfo(other.dtype).eps ** 0.5
+            if not torch.allclose(out, other, rtol=tol, atol=tol * float(other.abs().max())):
+                self._factored_off = True  # never expected: the checks admitted a wrong route
+                return other
             return out
         return factored.matmat(tangents)
 
@@ -1064,7 +1065,9 @@ class GGNOperator(CurvatureOperator):
             out = self._state.theta.new_zeros(self.layout.numel)
 
             def per_batch(batch: Batch) -> Tensor:
-                factor = sampled_factor(self.criterion, batch.size, mc_samples, generator)
+                factor = sampled_factor(
+                    self.criterion, batch.target, batch.size, mc_samples, generator
+                )
                 return self._layered_diagonal(batch, factor)
 
             return self._accumulate(per_batch, out)

@@ -190,8 +190,8 @@ def _ritz(
 
     With residual norms $\rho = \|r\|\,|s_\text{last}|$ and convergence flags: the residual
     within ``tol`` relative to the largest Ritz value, or with ``values_only`` the eigenvalue
-    error bound $\min(\rho, \rho^2/\delta)$ (Kato-Temple, $\delta$ the distance to the
-    nearest other Ritz value) within it.
+    error bound $\min(\rho, \rho^2/\delta)$ (Kato-Temple, $\delta$ the distance to the other
+    Ritz values less their residuals) within it.
     """
     theta, s = torch.linalg.eigh((projection + projection.T) / 2)
     idx = _order(theta, which)
@@ -200,7 +200,11 @@ def _ritz(
     scale = theta.abs().max().clamp_min(torch.finfo(theta.dtype).tiny)
     if not values_only:
         return theta, s, residuals, residuals <= tol * scale
-    distance = (theta[:k, None] - theta[None, :]).abs()
+    # The gap to the rest of the spectrum, from below: another Ritz value θ_j has an
+    # eigenvalue within its own residual ρ_j, so the distance to it is at least
+    # |θ_i − θ_j| − ρ_j (the Ritz values alone would overestimate it).
+    others = torch.linalg.vector_norm(r) * s[-1].abs()
+    distance = (theta[:k, None] - theta[None, :]).abs() - others[None, :]
     distance[torch.arange(k), torch.arange(k)] = torch.inf
     gap = distance.min(dim=1).values.clamp_min(torch.finfo(theta.dtype).tiny)
     bound = torch.minimum(residuals, residuals**2 / gap)
@@ -228,10 +232,12 @@ def eigsh(
     When to stop: by default when every wanted eigenvalue is accurate to
     $\sqrt{\varepsilon}\,\max|\lambda|$ ($\varepsilon$ the dtype's machine epsilon), by the
     bound $|\lambda - \theta| \le \min(\rho, \rho^2/\delta)$ on a Ritz value $\theta$ with
-    residual $\rho = \|Av - \theta v\|$ and distance $\delta$ to the nearest other Ritz value
-    (Kato-Temple). The eigenvalue error falls with the square of the residual, so this stops
-    well before the residual is that small; the eigenvectors are then accurate to about
-    $\rho/\delta$. An explicit ``tol`` stops on the residual instead:
+    residual $\rho = \|Av - \theta v\|$ (Kato-Temple), $\delta$ the distance to the rest of
+    the spectrum, estimated from below by $|\theta - \theta_j| - \rho_j$ over the other Ritz
+    pairs. The estimate rests on the Krylov space having found the eigenvalues near
+    $\theta$, as every Lanczos stopping rule does. The eigenvalue error falls with the square
+    of the residual, so this stops well before the residual is that small; the eigenvectors
+    are then accurate to about $\rho/\delta$. An explicit ``tol`` stops on the residual instead:
     $\|Av - \theta v\| \le \mathrm{tol} \cdot \max|\theta|$, for eigenvectors to a known
     accuracy.
 
