@@ -310,6 +310,28 @@ def _zeros_batched(g: Tensor | None, like: Tensor, count: int) -> Tensor:
     return like.new_zeros(count, *like.shape) if g is None else g
 
 
+def _probe_diagonals(g: Tensor, z: Tensor, batch: int, positions: int, width: int) -> Tensor:
+    """``r[t, n, t2, i] = [∇²_z L][(n, t2, i), (n, t, i)]``, from probes ``e_(t, i)``.
+
+    Probes are made and reduced a chunk at a time: only the entries with the same output
+    unit ``i`` are kept, ``B T² d_out`` numbers rather than ``(T d_out)² B``.
+    """
+    per = positions * width
+    chunk = max(1, min(_PROBES, _PROBE_ENTRIES // max(batch * per, 1)))
+    out = z.new_empty(per, batch, positions)  # [(t, i), n, t2]
+    for lo in range(0, per, chunk):
+        hi = min(per, lo + chunk)
+        units = z.new_zeros(hi - lo, per)
+        units[torch.arange(hi - lo), torch.arange(lo, hi)] = 1
+        probes = units[:, None, :].expand(-1, batch, -1).reshape(hi - lo, *z.shape)
+        with torch.enable_grad():
+            (columns,) = _batched_grad(g, [z], probes)
+        columns = columns.detach().reshape(hi - lo, batch, positions, width)
+        unit = (torch.arange(lo, hi, device=z.device) % width).reshape(-1, 1, 1, 1)
+        out[lo:hi] = columns.gather(3, unit.expand(-1, batch, positions, 1))[..., 0]
+    return out.reshape(positions, width, batch, positions).permute(0, 2, 3, 1)
+
+
 def _assemble(site: Site, a: Tensor, d: Tensor) -> dict[str, Tensor]:
     """Blocks from the per-sample diagonal ``d`` ``(B, d_out)`` of the curvature in z (T = 1)."""
     a = a[:, 0]
@@ -377,17 +399,11 @@ def hessian_diagonal_blocks(
         if g is None or not g.requires_grad or not _gradient_matches(site, a, g, by_name):
             continue
         checks, masks = _partition_probes(batch, z[0].numel(), z, seed=k)
-        probes = torch.cat(
-            [_unit_probes(batch, tuple(z.shape[1:]), z), checks.reshape(-1, *z.shape)]
-        )
         with torch.enable_grad():
-            (columns,) = _batched_grad(g, [z], probes)
-        units = positions * width
-        if not _confined(columns[units:], masks):
+            (moved,) = _batched_grad(g, [z], checks.reshape(-1, *z.shape))
+        if not _confined(moved, masks):
             continue
-        # r[t, i, n, t2, i2] = [∇²_z L][(n, t2, i2), (n, t, i)]; only i2 = i enters the diagonal
-        r = columns[:units].detach().reshape(positions, width, batch, positions, width)
-        r = r.diagonal(dim1=1, dim2=4)  # (T, B, T, d_out): [t, n, t2, i]
+        r = _probe_diagonals(g, z, batch, positions, width)  # (T, B, T, d_out): [t, n, t2, i]
         if positions == 1:
             blocks.update(_assemble(site, a, r[0, :, 0]))
             continue
@@ -467,6 +483,8 @@ def model_diagonal_blocks(
             continue
         positions, width = a.shape[1], z.shape[-1]
         per = positions * width
+        if (outputs * per) ** 2 * batch > _PROBE_ENTRIES * _PROBES:
+            continue  # the probes would not fit in memory: the general path
         if g.requires_grad:
             # probe (o, t, i): e_(t, i) in every sample of slot o, zero in the other slots
             eye = torch.eye(outputs * per, dtype=z.dtype, device=z.device)
