@@ -20,8 +20,10 @@ the general path:
   (a forward hook of the user's that changes the output fails here);
 - its weight and bias each feed one operation of the graph, and the loss gradient in them
   equals the one through the layer's outputs (tied weights, a parameter read elsewhere);
-- a probe confined to a random set of samples stays in those samples (BatchNorm with batch
-  statistics, attention across the batch, a loss that compares samples).
+- the products commute with weighting the samples: ``M(w ⊙ u) = w ⊙ Mu`` for a random probe
+  ``u`` and random weights ``w`` per sample, which fails with probability one if any two
+  samples are coupled (BatchNorm with batch statistics, attention across the batch, a loss
+  that compares samples).
 """
 
 from __future__ import annotations
@@ -248,30 +250,27 @@ def _gradient_matches(site: Site, a: Tensor, gz: Tensor, grads: dict[str, Tensor
     return site.bias is None or _close(grads[site.bias], g.sum(0), slack=1e4)
 
 
-def _partition_probes(batch: int, width: int, like: Tensor, seed: int) -> tuple[Tensor, Tensor]:
-    """Random probes ``(P, B, width)``, probe ``j`` confined to the samples whose bit ``j`` is set.
+def _coupling_probes(batch: int, width: int, like: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """Two probes ``(2, B, width)``: a random ``u`` and ``w ⊙ u``, ``w`` a random weight per sample.
 
-    ``P = ⌈log₂ B⌉``: every pair of samples is split by some probe, so a product that couples
-    any two samples moves some probe's mass outside its samples (`_confined`). With ``masks``
-    ``(P, B)``; one probe over every sample for ``B = 1``, where nothing can couple.
+    A map ``M`` that does not couple samples commutes with scaling them: ``M(w ⊙ u) = w ⊙ Mu``
+    sample by sample. One that does gives ``Σ_{n≠m} (w_n − w_m) M_mn u_n`` at sample ``m``,
+    non-zero with probability one over the random ``u`` and ``w`` whenever some ``M_mn`` is:
+    two probes settle any coupling between any pair of samples (`_uncoupled`).
     """
-    count = max(1, math.ceil(math.log2(batch))) if batch > 1 else 1
-    index = torch.arange(batch)
-    masks = (index[None, :] >> torch.arange(count)[:, None]) & 1 == 1 if batch > 1 else None
-    if masks is None:
-        masks = torch.ones(1, batch, dtype=torch.bool)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    probes = torch.randn(count, batch, width, generator=g, dtype=like.dtype) * masks[:, :, None]
-    return probes.to(like.device), masks.to(like.device)
+    u = torch.randn(batch, width, generator=g, dtype=like.dtype)
+    w = 0.5 + torch.rand(batch, generator=g, dtype=like.dtype)
+    return torch.stack([u, w[:, None] * u]).to(like.device), w.to(like.device)
 
 
-def _confined(results: Tensor, masks: Tensor) -> bool:
-    """The products ``(P, B, ...)`` of probes confined to ``masks`` vanish outside them."""
-    results = results.detach().reshape(*masks.shape, -1)
+def _uncoupled(results: Tensor, w: Tensor) -> bool:
+    """The products ``(2, B, ...)`` of `_coupling_probes` commute with the samples' weights."""
+    results = results.detach().reshape(2, w.shape[0], -1)
     eps = torch.finfo(results.dtype).eps
     scale = max(float(results.abs().max()) if results.numel() else 0.0, 1e-30)
-    outside = results[~masks]
-    return outside.numel() == 0 or float(outside.abs().max()) <= 1e2 * eps * scale
+    gap = (results[1] - w[:, None] * results[0]).abs()
+    return gap.numel() == 0 or float(gap.max()) <= 1e3 * eps * scale
 
 
 def _batched_grad(
@@ -398,10 +397,10 @@ def hessian_diagonal_blocks(
             continue  # more probes than the general path's columns
         if g is None or not g.requires_grad or not _gradient_matches(site, a, g, by_name):
             continue
-        checks, masks = _partition_probes(batch, z[0].numel(), z, seed=k)
+        checks, weights = _coupling_probes(batch, z[0].numel(), z, seed=k)
         with torch.enable_grad():
             (moved,) = _batched_grad(g, [z], checks.reshape(-1, *z.shape))
-        if not _confined(moved, masks):
+        if not _uncoupled(moved, weights):
             continue
         r = _probe_diagonals(g, z, batch, positions, width)  # (T, B, T, d_out): [t, n, t2, i]
         if positions == 1:
@@ -459,7 +458,7 @@ def model_diagonal_blocks(
         if not found:
             return {}
         names = [n for site, _, _ in found for n in site.names]
-        checks, masks = _partition_probes(batch, outputs, f, seed=0)
+        checks, weights = _coupling_probes(batch, outputs, f, seed=0)
         units = _unit_probes(batch, (outputs,), f).reshape(outputs, *f.shape)
         probes = torch.cat([units, checks.reshape(-1, *f.shape)])
         first = outputs  # the row of the first check probe
@@ -479,7 +478,7 @@ def model_diagonal_blocks(
     for (site, a, z), g in zip(found, got[: len(found)]):
         if g is None:
             continue
-        if not _confined(g[first:], masks) or not _gradient_matches(site, a, g[first], by_name):
+        if not _uncoupled(g[first:], weights) or not _gradient_matches(site, a, g[first], by_name):
             continue
         positions, width = a.shape[1], z.shape[-1]
         per = positions * width
@@ -565,7 +564,7 @@ def ggn_factors(
         return None
     s, sign = factor  # (C, B, *O) columns of each sample's factor, (C, B) signs
     names = [n for site, _, _ in found for n in site.names]
-    checks, masks = _partition_probes(batch, s[0, 0].numel(), f, seed=0)
+    checks, weights = _coupling_probes(batch, s[0, 0].numel(), f, seed=0)
     probes = torch.cat([s, checks.reshape(-1, *f.shape)])
     first = s.shape[0]  # the row of the first check probe
     with torch.enable_grad():
@@ -573,8 +572,8 @@ def ggn_factors(
     by_name = {n: g[first] for n, g in zip(names, got[len(found) :])}
     layers = []
     for (site, a, _), m in zip(found, got[: len(found)]):
-        # m: (C + P, B, *positions, d_out); rows C on are the check probes' Jᵀ u.
-        if not _confined(m[first:], masks):
+        # m: (C + 2, B, *positions, d_out); the last two rows are the coupling probes' Jᵀ u.
+        if not _uncoupled(m[first:], weights):
             continue
         if not _gradient_matches(site, a, m[first], by_name):
             continue
@@ -730,7 +729,7 @@ def _output_factor(
     with torch.enable_grad():
         value = criterion_loss(criterion, leaf, target)
         (g,) = torch.autograd.grad(value, leaf, create_graph=True)
-    checks, masks = _partition_probes(batch, width, f, seed=1)
+    checks, weights = _coupling_probes(batch, width, f, seed=1)
     units = _unit_probes(batch, (width,), f)
     probes = torch.cat([units, checks]).reshape(-1, *f.shape)
     if not g.requires_grad:  # a loss linear in the outputs: no curvature
@@ -740,7 +739,7 @@ def _output_factor(
     with torch.enable_grad():
         (columns,) = _batched_grad(g, [leaf], probes)
     columns = columns.reshape(-1, batch, width)
-    if not _confined(columns[width:], masks):
+    if not _uncoupled(columns[width:], weights):
         return None
     h = columns[:width].permute(1, 2, 0)  # h[n, :, c] = H_n e_c
     values, vectors = torch.linalg.eigh((h + h.mT) / 2)  # (B, C), (B, C, C)
