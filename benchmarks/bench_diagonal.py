@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import THREADS, child_main, measure_times, ratio, seconds, write_docs
+from bench_cnn import Block
 from bench_dense import mlp
 
 import hesse
@@ -114,16 +115,6 @@ def mc_call(widths: list[int], batch: int) -> Callable[[], Any]:
     model, crit, x, y = problem(widths, batch)
     op = hesse.GGNOperator(model, crit, (x, y))
     return lambda: op.mc_diagonal(mc_samples=1, seed=0)
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
-        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
 
 
 def cnn_problem() -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
