@@ -13,7 +13,7 @@ from conftest import state_preserved
 from torch import Tensor
 
 import hesse
-from hesse._solve import default_tol
+from hesse._solve import _orth, default_tol
 
 DTYPE = torch.float64
 
@@ -193,7 +193,8 @@ def test_one_solve_is_one_session_a_kept_graph_costs_one_forward_pass() -> None:
 
 def test_k_right_hand_sides_take_one_block_product_per_iteration() -> None:
     a = _spd(40)
-    b = torch.cat([_rhs(40, 3), a[:, :1]], dim=1)  # the last: a small Krylov space
+    # The last column, an eigenvector, lies in the first block's span: solved in one iteration.
+    b = torch.cat([_rhs(40, 3), torch.linalg.eigh(a).eigenvectors[:, :1]], dim=1)
     counting = Counting(a)
     result = hesse.solve(counting, b, damping=0.0, tol=1e-10)
     iterations = result.residual_norms.shape[0] - 1
@@ -298,6 +299,125 @@ def test_solve_inside_inference_mode() -> None:
     with torch.inference_mode():
         inside = hesse.solve(ggn, b.clone(), damping=0.1).solution
     _close(inside.clone(), expected, 1e-12)
+
+
+# ------------------------------------------------------------------------------ block CG
+
+
+def _iterations(result: hesse.SolveResult) -> int:
+    return result.residual_norms.shape[0] - 1
+
+
+def test_block_cg_shares_the_krylov_space_and_needs_fewer_iterations() -> None:
+    # Six outlying eigenvalues cost single-column CG about one iteration each; a block of
+    # K >= 7 columns catches them all in its first iterations.
+    values = torch.cat(
+        [torch.linspace(1, 2, 54, dtype=DTYPE), torch.linspace(50, 100, 6, dtype=DTYPE)]
+    )
+    a, b = _symmetric(values, seed=4), _rhs(60, 8, seed=6)
+    block = hesse.solve(a, b, tol=1e-10)
+    assert bool(block.converged.all())
+    _close(block.solution, _exact(a, b, 0.0), 1e-8)
+    single = [_iterations(hesse.solve(a, b[:, j], tol=1e-10)) for j in range(8)]
+    assert _iterations(block) < max(single) * 2 / 3
+    # Five columns, fewer than the outliers, still take fewer iterations than one column.
+    five = hesse.solve(a, b[:, :5], tol=1e-10)
+    _close(five.solution, _exact(a, b[:, :5], 0.0), 1e-8)
+    assert _iterations(five) < max(single[:5])
+
+
+def test_block_cg_dependent_right_hand_sides_narrow_the_block() -> None:
+    a, b = _spd(), _rhs(30, 4)
+    b[:, 1] = b[:, 0]
+    b[:, 2] = 2 * b[:, 0] + b[:, 3]
+    counting = Counting(a)
+    result = hesse.solve(counting, b, damping=0.1, tol=1e-10)
+    assert bool(result.converged.all())
+    _close(result.solution, _exact(a, b, 0.1), 1e-8)
+    # Rank 2: two directions per block (rounding can add a third near the end, when the
+    # residuals are small enough for their dependence to be inexact).
+    assert counting.widths[0] == 2
+    assert result.num_matvecs < 3 * _iterations(result)
+    assert result.num_matvecs == sum(counting.widths)
+    # Dependent columns keep the dependence in the answer.
+    _close(result.solution[:, 1], result.solution[:, 0], 1e-9)
+    _close(result.solution[:, 2], 2 * result.solution[:, 0] + result.solution[:, 3], 1e-9)
+
+
+def test_block_cg_with_a_zero_column_among_nonzero_ones() -> None:
+    a, b = _spd(), _rhs(30, 3)
+    b[:, 1] = 0
+    result = hesse.solve(a, b, damping=0.2, tol=1e-10)
+    assert bool(result.converged.all())
+    assert torch.equal(result.solution[:, 1], torch.zeros(30, dtype=DTYPE))
+    assert float(result.residual_norms[:, 1].abs().max()) == 0.0
+    _close(result.solution, _exact(a, b, 0.2), 1e-8)
+
+
+def test_block_cg_on_a_damped_ggn_operator() -> None:
+    case = copy.deepcopy(CASES["cnn"])
+    ggn = hesse.GGNOperator(case.model, case.criterion, (case.inputs, case.target))
+    b = _rhs(ggn.shape[0], 3, seed=7)
+    result = hesse.solve(ggn, b, damping=0.05, tol=1e-11)
+    assert bool(result.converged.all())
+    _close(result.solution, _exact(ggn.to_dense(), b, 0.05), 1e-8)
+
+
+def test_block_cg_refuses_negative_curvature_and_names_minres_and_the_damping() -> None:
+    a, b = _indefinite(), _rhs(30, 3)
+    lambda_min = float(torch.linalg.eigvalsh(a)[0])
+    with pytest.raises(ValueError, match="negative curvature.*block.*method='minres'") as info:
+        hesse.solve(a, b, damping=0.5)
+    found = re.search(r"damping above (-?[\d.e+-]+) at least", str(info.value))
+    assert found is not None
+    assert 0 < float(found.group(1)) <= -lambda_min + 1e-12
+
+
+def test_block_cg_with_a_diagonal_preconditioner() -> None:
+    # D^½ (I + E) D^½ with a small symmetric E: diagonally dominant once scaled, and D spans
+    # six decades, which Jacobi undoes.
+    n = 50
+    e = torch.rand(n, n, generator=_gen(8), dtype=DTYPE) * 2 - 1
+    base = torch.eye(n, dtype=DTYPE) + (e + e.T) / (4 * n)
+    d = torch.logspace(-3, 3, n, dtype=DTYPE)
+    a = d.sqrt()[:, None] * base * d.sqrt()[None, :]
+    a = (a + a.T) / 2
+    b = _rhs(n, 4)
+    plain = hesse.solve(a, b, damping=1e-3, tol=1e-10)
+    pre = hesse.solve(a, b, damping=1e-3, tol=1e-10, preconditioner=1 / (a.diagonal() + 1e-3))
+    assert bool(pre.converged.all())
+    assert _iterations(pre) <= _iterations(plain)
+    _close(pre.solution, _exact(a, b, 1e-3), 1e-7)
+
+
+def test_block_cg_counts_every_column_it_applies() -> None:
+    a = _spd(40)
+    eigenvector = torch.linalg.eigh(a).eigenvectors[:, :1]
+    b = torch.cat([_rhs(40, 3), _rhs(40, 1, seed=3).repeat(1, 2), eigenvector], dim=1)
+    x0 = 1e-3 * _rhs(40, 6, seed=4)
+    x0[:, 4] = x0[:, 3]  # the repeated column keeps a repeated residual
+    x0[:, 5] = 0  # the eigenvector's column converges in the first iteration
+    counting = Counting(a)
+    result = hesse.solve(counting, b, damping=0.0, tol=1e-10, x0=x0)
+    assert bool(result.converged.all())
+    assert counting.widths[0] == 6  # x0's residual: every column
+    assert counting.widths[1] == 5  # the repeated column adds no direction
+    assert counting.widths[2] == 4  # the eigenvector's column has left
+    assert len(counting.widths) == 1 + _iterations(result)
+    assert result.num_matvecs == sum(counting.widths)
+    _close(result.solution, _exact(a, b, 0.0), 1e-8)
+
+
+def test_orth_keeps_independent_directions_however_small() -> None:
+    w = _rhs(20, 4)
+    w[:, 3] = w[:, 0] - w[:, 1]  # dependent
+    w[:, 2] *= 1e-12  # independent, tiny: kept
+    basis = _orth(w)
+    assert basis.shape == (20, 3)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3, dtype=DTYPE), atol=1e-10, rtol=0)
+    projected = basis @ (basis.T @ w)
+    torch.testing.assert_close(projected / w.norm(dim=0), w / w.norm(dim=0), atol=1e-10, rtol=0)
+    assert _orth(torch.zeros(20, 3, dtype=DTYPE)).shape == (20, 0)
 
 
 # ------------------------------------------------------------------------ InverseOperator

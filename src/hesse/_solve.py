@@ -2,9 +2,11 @@
 
 Every method takes ``A`` as a dense symmetric tensor or any operator of the protocol
 (`hesse.SymmetricOperator`) and advances ``K`` right-hand sides together: one block product
-``A @ P`` with ``P`` of shape ``(N, K)`` per iteration, with a step length (and the other
-scalars of the recurrence) per column. A column leaves the block as soon as it has converged,
-so later products are narrower. The whole solve runs inside one session of the operator
+``A @ P`` with ``P`` of shape ``(N, k)``, ``k <= K``, per iteration. MINRES and LiSSA keep the
+scalars of their recurrences per column. CG with ``K > 1`` is block CG: the columns share one
+block Krylov subspace, searched with matrix step lengths, so ``K`` right-hand sides typically
+need fewer iterations than one. A column leaves the block as soon as it has converged, so
+later products are narrower. The whole solve runs inside one session of the operator
 (`hesse._protocol.Operator.session`), where products may reuse work such as a kept gradient
 graph.
 """
@@ -327,7 +329,10 @@ def _solve(
     x, r, denom = x[:, keep], r[:, keep], denom[keep]
     if x.shape[1] and max_iter > 0:
         if method == "cg":
-            _cg(system, cols, x, r, denom, tol, max_iter)
+            if x.shape[1] == 1:
+                _cg(system, cols, x, r, denom, tol, max_iter)
+            else:
+                _block_cg(system, cols, x, r, denom, tol, max_iter)
         elif method == "minres":
             _minres(system, cols, x, r, denom, tol, max_iter)
         else:
@@ -348,7 +353,7 @@ def _cg(
     tol: float,
     max_iter: int,
 ) -> None:
-    """Preconditioned conjugate gradients, one step length per column."""
+    """Preconditioned conjugate gradients, one step length per column (used for one column)."""
     z = system.precondition(r)
     rz = _dot(r, z)
     if system.prec is not None:
@@ -383,20 +388,118 @@ def _cg(
     cols.finish(x)
 
 
+def _block_cg(
+    system: _System,
+    cols: _Columns,
+    x: Tensor,
+    r: Tensor,
+    denom: Tensor,
+    tol: float,
+    max_iter: int,
+) -> None:
+    """Preconditioned breakdown-free block CG (O'Leary, 1980; Ji & Li, 2017).
+
+    The columns share one block Krylov subspace: each iteration minimises every column's
+    ``(A + λI)``-norm error over the span of the search block ``P`` (step lengths
+    ``α = (PᵀQ)⁻¹PᵀR``, a matrix), and the next block is made ``(A + λI)``-conjugate to it
+    (``β = -(PᵀQ)⁻¹QᵀZ``). ``P`` is kept orthonormal without its numerically dependent
+    directions (`_orth`), so dependent right-hand sides and columns that converge at different
+    rates narrow the block instead of breaking the recurrence down. α and β make the iteration
+    independent of the basis chosen for the span of ``P``.
+    """
+    z = system.precondition(r)
+    if system.prec is not None:
+        _check_preconditioned(_dot(r, z), cols.active)
+    p = _orth(z)
+    for iteration in range(1, max_iter + 1):
+        if p.shape[1] == 0:
+            break  # no direction left to search: the active columns stay unconverged
+        q = system.apply(p)
+        pq = p.T @ q
+        pq = (pq + pq.T) / 2  # symmetric in exact arithmetic
+        chol, info = torch.linalg.cholesky_ex(pq)  # no synchronisation; info read below
+        alpha = torch.cholesky_solve(p.T @ r, chol)
+        x.addmm_(p, alpha)
+        r.addmm_(q, alpha, alpha=-1)
+        rel = _norm(r) / denom
+        cols.record(rel)
+        done = rel <= tol
+        finite = torch.isfinite(pq).all() & torch.isfinite(rel).all()
+        bad, any_done = _flags(~finite | (info != 0), done)  # one synchronisation
+        if bad:
+            if not bool(finite):
+                raise system.not_finite()
+            raise _block_negative_curvature(p, pq, system.damping, iteration)
+        if any_done:
+            keep = cols.retire(x, done)
+            if not bool(keep.any()):
+                return
+            x, r, denom = x[:, keep], r[:, keep], denom[keep]
+        z = system.precondition(r)
+        if system.prec is not None:
+            _check_preconditioned(_dot(r, z), cols.active)
+        p = _orth(z - p @ torch.cholesky_solve(q.T @ z, chol))
+    cols.finish(x)
+
+
+def _orth(w: Tensor) -> Tensor:
+    """An orthonormal basis of the range of ``w`` ``(N, k)`` without its dependent directions.
+
+    ``w V Λ^-1/2`` from the eigenpairs of the ``k x k`` Gram matrix: one ``N x k x k`` product,
+    no factorisation of the tall ``w``. It has no columns when ``w`` is zero.
+    """
+    gram = w.T @ w
+    # Unit columns first: the range is the same, and a column far smaller than the others (a
+    # nearly converged residual) is not mistaken for a dependent one.
+    sq = gram.diagonal()
+    scale = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
+    values, vectors = torch.linalg.eigh(gram * scale[:, None] * scale[None, :])
+    # The Gram matrix's eigenvalues carry rounding errors of about k·eps·λ_max (its length-N
+    # sums, the eigensolver); below 100 times that a direction is noise. The ones kept give
+    # PᵀP within about 1% of I, plenty for the Cholesky factor of PᵀQ, without a second pass.
+    eps = torch.finfo(w.dtype).eps
+    kept = values > values[-1] * (w.shape[1] * eps * 100)
+    return w @ (scale[:, None] * vectors[:, kept] * values[kept].rsqrt())
+
+
 def _negative_curvature(
     p: Tensor, pq: Tensor, damping: float, active: Tensor, iteration: int
 ) -> ValueError:
     bad = (~(pq > 0)).nonzero()[0, 0]
     curvature = float(pq[bad])
     rayleigh = curvature / float(_dot(p[:, bad], p[:, bad]))
+    where = f"right-hand side {int(active[bad])}, iteration {iteration}"
+    return _curvature_error(curvature, "<= 0", where, rayleigh, damping)
+
+
+def _block_negative_curvature(p: Tensor, pq: Tensor, damping: float, iteration: int) -> ValueError:
+    """The error for a block ``Pᵀ(A + λI)P`` that is not positive definite, along its worst ``p``.
+
+    ``p = P y`` with ``y`` the eigenvector of the smallest eigenvalue of ``PᵀQ``, so
+    ``pᵀ(A + λI)p`` is that eigenvalue.
+    """
+    values, vectors = torch.linalg.eigh(pq)
+    direction = p @ vectors[:, 0]
+    curvature = float(values[0])
+    rayleigh = curvature / float(direction @ direction)
+    # Cholesky can also fail on a matrix whose smallest eigenvalue is positive at the level of
+    # rounding (a singular A + λI): say so rather than claim a sign.
+    relation = "<= 0" if curvature <= 0 else "> 0 only within rounding"
+    where = f"a direction of the block of {p.shape[1]} search directions, iteration {iteration}"
+    return _curvature_error(curvature, relation, where, rayleigh, damping)
+
+
+def _curvature_error(
+    curvature: float, relation: str, where: str, rayleigh: float, damping: float
+) -> ValueError:
     bound = rayleigh - damping  # λ_min(A) <= the Rayleigh quotient of A along p
     return ValueError(
-        f"A: CG met negative curvature, pᵀ(A + λI)p = {curvature:.3g} <= 0 (right-hand side "
-        f"{int(active[bad])}, iteration {iteration}): A + λI with damping={damping:g} is not "
-        "positive definite, and CG's answer would be wrong. The smallest eigenvalue of A is at "
-        f"most {bound:.3g}, so a damping above {-bound:.3g} at least is needed (more than "
-        "-λ_min(A); hesse.eigsh(A, k=1, which='SA') gives λ_min). Or use method='minres', "
-        "which solves symmetric indefinite systems."
+        f"A: CG met negative curvature, pᵀ(A + λI)p = {curvature:.3g} {relation} ({where}): "
+        f"A + λI with damping={damping:g} is not positive definite, and CG's answer would be "
+        f"wrong. The smallest eigenvalue of A is at most {bound:.3g}, so a damping above "
+        f"{-bound:.3g} at least is needed (more than -λ_min(A); hesse.eigsh(A, k=1, "
+        "which='SA') gives λ_min). Or use method='minres', which solves symmetric indefinite "
+        "systems."
     )
 
 
@@ -589,17 +692,20 @@ def solve(
     r"""Solve $(A + \lambda I)\,x = b$ for a symmetric ``A``, one or ``K`` right-hand sides.
 
     ``K`` right-hand sides advance together: each iteration costs one block product
-    ``A @ P`` with ``P`` of shape ``(N, k)`` (``k`` the columns not yet converged; a
-    converged column leaves the block), with the scalars of the recurrence kept per column.
-    The whole solve runs in one session of a hesse operator, so products reuse what they
-    can (a one-batch Hessian keeps its gradient graph).
+    ``A @ P`` with ``P`` of shape ``(N, k)``, ``k`` at most the columns not yet converged (a
+    converged column leaves the block). The whole solve runs in one session of a hesse
+    operator, so products reuse what they can (a one-batch Hessian keeps its gradient graph).
 
     - ``"cg"``: conjugate gradients, for positive definite $A + \lambda I$ (a damped GGN or
-      Fisher, a Hessian near a minimum). Negative curvature, $p^\top(A + \lambda I)p \le 0$,
-      stops it with a ValueError that names MINRES and a lower bound on the damping needed;
-      it never returns a wrong answer for an indefinite system.
+      Fisher, a Hessian near a minimum). With ``K > 1`` it is block CG (O'Leary; Ji & Li's
+      breakdown-free variant): the columns share one block Krylov subspace, so ``K``
+      right-hand sides typically need fewer iterations than one; dependent columns narrow
+      the block. Negative curvature, $p^\top(A + \lambda I)p \le 0$, stops it with a
+      ValueError that names MINRES and a lower bound on the damping needed; it never returns
+      a wrong answer for an indefinite system.
     - ``"minres"``: MINRES (Paige & Saunders), for symmetric indefinite systems (a Hessian
-      away from a minimum); its residual norm never increases.
+      away from a minimum); its residual norm never increases. Its scalars (and LiSSA's) are
+      kept per column.
     - ``"lissa"``: the deterministic Neumann recursion
       $x_{t+1} = b/s + (I - (A + \lambda I)/s)\,x_t$ with ``scale`` $s$, which
       converges when every eigenvalue of $A + \lambda I$ lies in $(0, 2s)$. It is
@@ -662,7 +768,8 @@ def solve(
         >>> bool(result.converged), result.num_matvecs  # CG: one product per eigenvalue
         (True, 3)
 
-        Several right-hand sides advance together, one block product per iteration:
+        Several right-hand sides share one block Krylov subspace, one block product per
+        iteration (here a single iteration: the block spans the whole space):
 
         >>> B = torch.eye(3, dtype=torch.float64)
         >>> solve(A, B, damping=1.0).solution.diagonal()
