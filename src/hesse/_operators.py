@@ -25,6 +25,7 @@ import torch.autograd.forward_ad as fwAD  # noqa: N812
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
+from hesse._chain import ChainProducts, chain_products
 from hesse._compat import load_forward_ad
 from hesse._curvature import check_independent_samples, dense, diagonal, loss_curvature
 from hesse._data import Batch, Dataset, as_dataset
@@ -347,6 +348,24 @@ class CurvatureOperator(LayoutOperator):
             session.graph[2][kind] = graph
         return graph, keep
 
+    def _chain(self, batch: Batch) -> ChainProducts | None:
+        """The hand-written products of an MLP (`hesse._chain`), or None for another model.
+
+        Kept for a session over one batch, like a gradient graph.
+        """
+
+        def build() -> ChainProducts | None:
+            return chain_products(
+                self.model,
+                self.layout,
+                self._state.params,
+                batch.inputs,
+                batch.target,
+                self.criterion,
+            )
+
+        return cast("ChainProducts | None", self._kept(batch, build, kind="chain")[0])
+
     def _policy(self, kind: str) -> Fallbacks:
         """The fallback policy of one kind of computation (`hesse._transforms.Fallbacks`)."""
         return self._policies.setdefault(kind, Fallbacks())
@@ -634,10 +653,16 @@ class HessianOperator(CurvatureOperator):
         )
 
     def _batch_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
+        chain = self._chain(batch)
+        if chain is not None:
+            return chain.hessian(tangents)
         theta = self._state.theta
         return self._curvature(batch).columns(self.layout, theta, slice(0, theta.numel()))(tangents)
 
     def _batch_product(self, batch: Batch, v: Tensor) -> Tensor:
+        chain = self._chain(batch)
+        if chain is not None:
+            return chain.hessian(v[None])[0]
         # One product, as Lanczos and power iteration ask for: plain double backward through
         # the gradient graph, without torch.func overhead (about 2x faster for one vector).
         leaves, grads, retain = self._gradient_graph(batch)
@@ -894,6 +919,9 @@ class GGNOperator(CurvatureOperator):
         # Forward mode where no graph is kept (several batches) and for the first product of a
         # session (a lone product); from the second on, the kept graph is cheaper (Lanczos on
         # the MLP of the benchmarks, float32: 120 ms against 195 ms in forward mode).
+        chain = self._chain(batch)
+        if chain is not None:
+            return chain.ggn(v[None])[0]
         keep = self.data.num_batches == 1
         self._state.singles += 1
         if not self._forward_off and (not keep or self._state.singles == 1):
@@ -970,15 +998,20 @@ class GGNOperator(CurvatureOperator):
             j, h, jt, _ = linearised()
             return vmap(lambda v: jt(h(j(v))))(rows)
 
-        autograd = self._policy("products")(
-            [
-                Strategy("vectorised", vectorised, slow=False),
-                Strategy(
-                    "an autograd loop over columns",
-                    lambda rows: self._looped_matmat(batch, rows),
-                    slow=True,
-                ),
-            ]
+        chain = self._chain(batch)
+        autograd: Callable[[Tensor], Tensor] = (
+            chain.ggn
+            if chain is not None
+            else self._policy("products")(
+                [
+                    Strategy("vectorised", vectorised, slow=False),
+                    Strategy(
+                        "an autograd loop over columns",
+                        lambda rows: self._looped_matmat(batch, rows),
+                        slow=True,
+                    ),
+                ]
+            )
         )
         # The factors' setup (C backward passes) pays off over repeated blocks: over one batch,
         # from a session's second block on (a block solver; they are then kept), not for a
@@ -999,8 +1032,9 @@ class GGNOperator(CurvatureOperator):
             # rebuilds for every product: nothing over one batch (both kept for the session),
             # its setup over several. The two results must agree: a check of the factors.
             self._timing_spoilt = True
-            with suppress(RuntimeError, NotImplementedError):
-                linearised()  # torch.func may fail here: the policy below falls back
+            if chain is None:
+                with suppress(RuntimeError, NotImplementedError):
+                    linearised()  # torch.func may fail here: the policy below falls back
             start = time.perf_counter()
             factored = self._factored(batch, tangents.shape[0]) or factored
             out = factored.matmat(tangents)

@@ -35,8 +35,9 @@ def model_state(model: nn.Module, *, training: bool = False) -> Iterator[None]:
     running statistics or of ``num_batches_tracked`` inside a transform would fail, and would
     change the model.
 
-    Restored on success and on exception: each module's ``training`` flag, each parameter's
-    ``requires_grad``, ``.grad`` (the same tensor object) and values, and each buffer's object
+    Restored on success and on exception: each module's ``training`` flag, each parameter object
+    in its module's slot, each parameter's ``requires_grad``, ``.grad`` (the same tensor object)
+    and values, and each buffer's object
     and values (BatchNorm running statistics, ``num_batches_tracked``). hesse never writes a
     parameter, but a model may in its forward (``nn.Embedding(max_norm=...)`` renormalises its
     weight in place), and may update buffers even in eval mode; both are snapshotted.
@@ -48,6 +49,14 @@ def model_state(model: nn.Module, *, training: bool = False) -> Iterator[None]:
         for module in model.modules()
         for name, buf in module._buffers.items()
         if buf is not None
+    ]
+    # The parameter objects in their slots: functional_call puts plain tensors there while it
+    # runs and, for a module reachable under two names, does not put the Parameter back (torch
+    # restores one name's slot from the other's, already swapped); restored here.
+    slots = [
+        (module, name, p)
+        for module in model.modules(remove_duplicate=False)
+        for name, p in module._parameters.items()
     ]
     tracking = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
     for module, was in flags:
@@ -65,6 +74,10 @@ def model_state(model: nn.Module, *, training: bool = False) -> Iterator[None]:
         for module, was in flags:
             if module.training != was:
                 module.training = was
+        for module, name, slot in slots:
+            if module._parameters.get(name) is not slot:
+                module.__dict__.pop(name, None)
+                module._parameters[name] = slot
         with torch.no_grad():
             for p, requires_grad, grad, saved in params:
                 if p.requires_grad != requires_grad:
