@@ -911,3 +911,16 @@ def test_the_same_linear_twice_gets_the_oracle_and_keeps_its_parameters() -> Non
     with state_preserved(model):
         check_operators(model, criterion, x, y)
     assert all(type(p) is nn.Parameter for p in model.parameters())
+
+
+def test_single_products_take_the_route_and_repeat_exactly(routes: list[bool]) -> None:
+    model = mlp([4, 5, 3], nn.Tanh, seed=90)
+    x, y = _randn(7, 4, seed=91), _labels(7, 3, seed=92)
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    op = hesse.HessianOperator(model, nn.CrossEntropyLoss(), batches)
+    dense = oracle_hessian(model, nn.CrossEntropyLoss(), x, y, None)
+    v = _randn(op.shape[0], seed=93)
+    first = op @ v
+    assert_close(first, dense @ v, rtol=1e-10)
+    assert torch.equal(op @ v, first)  # one path, whatever the machine: the same numbers
+    assert routes and all(routes)

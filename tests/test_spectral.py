@@ -221,3 +221,69 @@ def test_hutchpp_with_one_probe_reports_an_unknown_error() -> None:
     assert torch.isnan(result.stderr) and torch.isfinite(result.estimate)
     small = hesse.trace(a[:1, :1], num_matvecs=3, method="hutch++", seed=0)  # sketch spans all
     assert small.stderr == 0 and small.estimate == 1.0
+
+
+def _regression(seed: int = 0) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """MSE linear regression (N = 300) whose loss gradient is the Hessian's top eigenvector."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, 300, generator=g, dtype=F64)
+    # No spike: the top eigenvalue sits at the edge of the Marchenko-Pastur bulk, close to the
+    # next ones, and Lanczos needs many products from a random start.
+    model = nn.Linear(300, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, 300, generator=g, dtype=F64))
+    top = torch.linalg.eigh(x.T @ x).eigenvectors[:, -1]
+    # The gradient 2Xᵀ(Xw − y)/B is proportional to XᵀX v₁, that is to v₁, for Xw − y = X v₁.
+    y = x @ model.weight.detach().T - (x @ top)[:, None]
+    return model, nn.MSELoss(), (x, y)
+
+
+def test_lanczos_starts_from_the_loss_gradient_for_the_top_eigenvalues() -> None:
+    model, criterion, (x, y) = _regression()
+    batches = [(x[:150], y[:150]), (x[150:], y[150:])]  # unequal: the mean's weighting
+    op = hesse.HessianOperator(model, criterion, batches)
+    with op.session():
+        start = op._lanczos_start()
+    expected = torch.autograd.grad(criterion(model(x), y), [model.weight])[0].reshape(-1)
+    assert_close(start, expected, rtol=1e-12)
+    exact = torch.linalg.eigvalsh(op.to_dense())
+    default = hesse.eigsh(op, k=1, seed=3)
+    random = hesse.eigsh(
+        op, k=1, v0=torch.randn(300, generator=torch.Generator().manual_seed(3), dtype=F64)
+    )
+    for result in (default, random):
+        assert_close(result.eigenvalues[-1], exact[-1], rtol=1e-9)
+    assert default.num_matvecs < random.num_matvecs
+    sharp = hesse.sharpness(op, seed=3)  # "LM" starts there too
+    assert_close(sharp, exact.abs().max(), rtol=1e-9)
+
+
+def test_the_gradient_start_is_asked_only_for_top_eigenvalues_without_v0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, criterion, data = _regression()
+    op = hesse.HessianOperator(model, criterion, data)
+    calls: list[int] = []
+    original = hesse.HessianOperator._lanczos_start
+
+    def counted(self: hesse.HessianOperator) -> torch.Tensor:
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(hesse.HessianOperator, "_lanczos_start", counted)
+    hesse.eigsh(op, k=1, which="LA", seed=0)
+    assert len(calls) == 1
+    hesse.eigsh(op, k=1, which="SA", seed=0)
+    hesse.eigsh(op, k=1, which="LA", v0=torch.ones(300, dtype=F64))
+    assert len(calls) == 1
+
+
+def test_a_zero_gradient_leaves_the_random_start() -> None:
+    # At the minimum of a least-squares loss the gradient is zero: Lanczos starts at random.
+    model, criterion, (x, _) = _regression()
+    y = model(x).detach()
+    op = hesse.HessianOperator(model, criterion, (x, y))
+    with op.session():
+        assert float(op._lanczos_start().abs().max()) == 0.0
+    exact = torch.linalg.eigvalsh(op.to_dense())
+    assert_close(hesse.eigsh(op, k=2, seed=1).eigenvalues, exact[-2:], rtol=1e-9)

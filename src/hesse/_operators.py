@@ -366,6 +366,47 @@ class CurvatureOperator(LayoutOperator):
 
         return cast("ChainProducts | None", self._kept(batch, build, kind="chain")[0])
 
+    def _lanczos_start(self) -> Tensor:
+        """The loss gradient over the data, ``(N,)``: where Lanczos starts for top eigenvalues.
+
+        The gradient of a network's loss lies mostly in the span of its curvature's top
+        eigenvectors (Gur-Ari et al., 2018, "Gradient descent happens in a tiny subspace"; at
+        the edge of stability it oscillates along the top one), so a start vector with a
+        gradient component reaches the top eigenvalue in fewer products than a random one: 28
+        against 33 for the benchmarks' MLP Hessian (N = 16,522, to √eps). One forward and
+        backward pass per batch, inside the caller's session.
+        """
+        names = self.layout.names
+
+        def per_batch(batch: Batch) -> Tensor:
+            leaves = [self._state.params[n].detach().requires_grad_() for n in names]
+            with torch.enable_grad():
+                params = dict(zip(names, leaves))
+                value = loss(self.criterion, self.model, params, batch.inputs, batch.target)
+                grads = torch.autograd.grad(value, leaves, allow_unused=True)
+            return torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(t)).reshape(-1)
+                    for g, t in zip(grads, leaves)
+                ]
+            )
+
+        return self._accumulate(per_batch, self._state.theta.new_zeros(self.layout.numel))
+
+    def _single(
+        self, batch: Batch, v: Tensor, autograd: Callable[[], Tensor], *, ggn: bool
+    ) -> Tensor:
+        """One product of a batch: by the chain route where the model is a chain, else autograd.
+
+        On the benchmarks' MLP (N = 16,522, batch 512, float64, a session over one batch) the
+        chain took 5.45 ms against 6.33 ms through the kept gradient graph on one CPU thread,
+        4.34 against 4.79 ms on two (medians of 60 alternating pairs).
+        """
+        chain = self._chain(batch)
+        if chain is None:
+            return autograd()
+        return (chain.ggn if ggn else chain.hessian)(v[None])[0]
+
     def _policy(self, kind: str) -> Fallbacks:
         """The fallback policy of one kind of computation (`hesse._transforms.Fallbacks`)."""
         return self._policies.setdefault(kind, Fallbacks())
@@ -660,9 +701,9 @@ class HessianOperator(CurvatureOperator):
         return self._curvature(batch).columns(self.layout, theta, slice(0, theta.numel()))(tangents)
 
     def _batch_product(self, batch: Batch, v: Tensor) -> Tensor:
-        chain = self._chain(batch)
-        if chain is not None:
-            return chain.hessian(v[None])[0]
+        return self._single(batch, v, lambda: self._autograd_product(batch, v), ggn=False)
+
+    def _autograd_product(self, batch: Batch, v: Tensor) -> Tensor:
         # One product, as Lanczos and power iteration ask for: plain double backward through
         # the gradient graph, without torch.func overhead (about 2x faster for one vector).
         leaves, grads, retain = self._gradient_graph(batch)
@@ -919,9 +960,9 @@ class GGNOperator(CurvatureOperator):
         # Forward mode where no graph is kept (several batches) and for the first product of a
         # session (a lone product); from the second on, the kept graph is cheaper (Lanczos on
         # the MLP of the benchmarks, float32: 120 ms against 195 ms in forward mode).
-        chain = self._chain(batch)
-        if chain is not None:
-            return chain.ggn(v[None])[0]
+        return self._single(batch, v, lambda: self._autograd_product(batch, v), ggn=True)
+
+    def _autograd_product(self, batch: Batch, v: Tensor) -> Tensor:
         keep = self.data.num_batches == 1
         self._state.singles += 1
         if not self._forward_off and (not keep or self._state.singles == 1):
