@@ -837,8 +837,12 @@ def test_eigsh_by_lanczos_on_a_chain(routes: list[bool]) -> None:
     assert op.shape[0] > hesse._spectral.DENSE_LIMIT
     exact = torch.linalg.eigvalsh(oracle_hessian(model, criterion, x, y))
     values, vectors = hesse.eigsh(op, k=1, seed=0)
-    assert routes and all(routes)
+    assert not routes  # Lanczos asks for single products: the kept gradient graph
     torch.testing.assert_close(values, exact[-1:], rtol=1e-8, atol=0.0)
+    # A block of all N columns takes the route: the whole matrix, the same spectrum.
+    block = op @ torch.eye(op.shape[0], dtype=F64)
+    assert routes and all(routes)
+    assert_close(torch.linalg.eigvalsh((block + block.T) / 2), exact, rtol=1e-9)
 
 
 @pytest.mark.parametrize("which", ["LA", "SA"])
@@ -857,7 +861,6 @@ def test_eigsh_on_small_chains_by_lanczos(
         op = hesse.GGNOperator(model, criterion, (x, y))
         exact = torch.linalg.eigvalsh(oracle_ggn(model, criterion, x, y))
     values, _ = hesse.eigsh(op, k=1, which=which, seed=0)  # type: ignore[arg-type]
-    assert routes and all(routes)
     expected = exact[-1:] if which == "LA" else exact[:1]
     scale = float(exact.abs().max())
     assert abs(float(values[0]) - float(expected[0])) <= 1e-8 * scale
@@ -913,7 +916,11 @@ def test_the_same_linear_twice_gets_the_oracle_and_keeps_its_parameters() -> Non
     assert all(type(p) is nn.Parameter for p in model.parameters())
 
 
-def test_single_products_take_the_route_and_repeat_exactly(routes: list[bool]) -> None:
+def test_single_products_keep_the_gradient_graph_and_blocks_take_the_route(
+    routes: list[bool],
+) -> None:
+    # One column goes through the kept gradient graph (one backward pass a product); blocks
+    # through the chain. Same numbers up to rounding, and each path repeats itself exactly.
     model = mlp([4, 5, 3], nn.Tanh, seed=90)
     x, y = _randn(7, 4, seed=91), _labels(7, 3, seed=92)
     batches = [(x[:3], y[:3]), (x[3:], y[3:])]
@@ -922,5 +929,8 @@ def test_single_products_take_the_route_and_repeat_exactly(routes: list[bool]) -
     v = _randn(op.shape[0], seed=93)
     first = op @ v
     assert_close(first, dense @ v, rtol=1e-10)
-    assert torch.equal(op @ v, first)  # one path, whatever the machine: the same numbers
+    assert torch.equal(op @ v, first)
+    assert not routes
+    block = op @ torch.stack([v, 2 * v], dim=1)
+    assert_close(block[:, 0], first, rtol=1e-12)
     assert routes and all(routes)

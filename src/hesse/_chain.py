@@ -464,11 +464,10 @@ def chain_products(
         return hz(t)[0]
 
     try:
-        # The criterion's Hessian in the outputs, probed once: a criterion torch.func cannot
-        # transform (an autograd.Function without setup_context, a NumPy round trip) leaves
-        # the products to the general path and its fallbacks.
+        # A criterion torch.func cannot transform (an autograd.Function without
+        # setup_context, a NumPy round trip) leaves the products to the general path and its
+        # fallbacks (one vmap cannot batch fails in the products: the operators fall back).
         gz, hz = vjp(grad(loss_of_outputs), z)[:2]
-        vmap(h_of)(torch.zeros_like(z)[None])
     except (RuntimeError, NotImplementedError) as err:
         if _out_of_memory(err):
             raise

@@ -348,11 +348,17 @@ class CurvatureOperator(LayoutOperator):
             session.graph[2][kind] = graph
         return graph, keep
 
+    _chain_off = False  # set once the chain's products raised (a criterion vmap cannot batch)
+
     def _chain(self, batch: Batch) -> ChainProducts | None:
         """The hand-written products of an MLP (`hesse._chain`), or None for another model.
 
-        Kept for a session over one batch, like a gradient graph.
+        Kept for a session over one batch, like a gradient graph. Used for blocks of columns:
+        a single product through a kept gradient graph costs one backward pass, cheaper than
+        the chain's fixed costs (a lone float32 product took 9 ms by the chain against 4 ms).
         """
+        if self._chain_off:
+            return None
 
         def build() -> ChainProducts | None:
             return chain_products(
@@ -365,6 +371,20 @@ class CurvatureOperator(LayoutOperator):
             )
 
         return cast("ChainProducts | None", self._kept(batch, build, kind="chain")[0])
+
+    def _by_chain(self, chain: ChainProducts, tangents: Tensor, *, ggn: bool) -> Tensor | None:
+        """The chain's products, or None (and the chain off for this operator).
+
+        None when the criterion's Hessian cannot be vectorised over the columns: the general
+        path and its fallbacks take over.
+        """
+        try:
+            return chain.ggn(tangents) if ggn else chain.hessian(tangents)
+        except (RuntimeError, NotImplementedError) as err:
+            if _out_of_memory(err):
+                raise
+            self._chain_off = True
+            return None
 
     def _lanczos_start(self) -> Tensor:
         """The loss gradient over the data, ``(N,)``: where Lanczos starts for top eigenvalues.
@@ -392,20 +412,6 @@ class CurvatureOperator(LayoutOperator):
             )
 
         return self._accumulate(per_batch, self._state.theta.new_zeros(self.layout.numel))
-
-    def _single(
-        self, batch: Batch, v: Tensor, autograd: Callable[[], Tensor], *, ggn: bool
-    ) -> Tensor:
-        """One product of a batch: by the chain route where the model is a chain, else autograd.
-
-        On the benchmarks' MLP (N = 16,522, batch 512, float64, a session over one batch) the
-        chain took 5.45 ms against 6.33 ms through the kept gradient graph on one CPU thread,
-        4.34 against 4.79 ms on two (medians of 60 alternating pairs).
-        """
-        chain = self._chain(batch)
-        if chain is None:
-            return autograd()
-        return (chain.ggn if ggn else chain.hessian)(v[None])[0]
 
     def _policy(self, kind: str) -> Fallbacks:
         """The fallback policy of one kind of computation (`hesse._transforms.Fallbacks`)."""
@@ -696,14 +702,13 @@ class HessianOperator(CurvatureOperator):
     def _batch_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
         chain = self._chain(batch)
         if chain is not None:
-            return chain.hessian(tangents)
+            out = self._by_chain(chain, tangents, ggn=False)
+            if out is not None:
+                return out
         theta = self._state.theta
         return self._curvature(batch).columns(self.layout, theta, slice(0, theta.numel()))(tangents)
 
     def _batch_product(self, batch: Batch, v: Tensor) -> Tensor:
-        return self._single(batch, v, lambda: self._autograd_product(batch, v), ggn=False)
-
-    def _autograd_product(self, batch: Batch, v: Tensor) -> Tensor:
         # One product, as Lanczos and power iteration ask for: plain double backward through
         # the gradient graph, without torch.func overhead (about 2x faster for one vector).
         leaves, grads, retain = self._gradient_graph(batch)
@@ -960,9 +965,6 @@ class GGNOperator(CurvatureOperator):
         # Forward mode where no graph is kept (several batches) and for the first product of a
         # session (a lone product); from the second on, the kept graph is cheaper (Lanczos on
         # the MLP of the benchmarks, float32: 120 ms against 195 ms in forward mode).
-        return self._single(batch, v, lambda: self._autograd_product(batch, v), ggn=True)
-
-    def _autograd_product(self, batch: Batch, v: Tensor) -> Tensor:
         keep = self.data.num_batches == 1
         self._state.singles += 1
         if not self._forward_off and (not keep or self._state.singles == 1):
@@ -1039,21 +1041,22 @@ class GGNOperator(CurvatureOperator):
             j, h, jt, _ = linearised()
             return vmap(lambda v: jt(h(j(v))))(rows)
 
-        chain = self._chain(batch)
-        autograd: Callable[[Tensor], Tensor] = (
-            chain.ggn
-            if chain is not None
-            else self._policy("products")(
-                [
-                    Strategy("vectorised", vectorised, slow=False),
-                    Strategy(
-                        "an autograd loop over columns",
-                        lambda rows: self._looped_matmat(batch, rows),
-                        slow=True,
-                    ),
-                ]
-            )
+        general = self._policy("products")(
+            [
+                Strategy("vectorised", vectorised, slow=False),
+                Strategy(
+                    "an autograd loop over columns",
+                    lambda rows: self._looped_matmat(batch, rows),
+                    slow=True,
+                ),
+            ]
         )
+        chain = self._chain(batch)
+
+        def autograd(rows: Tensor) -> Tensor:
+            out = None if chain is None else self._by_chain(chain, rows, ggn=True)
+            return general(rows) if out is None else out
+
         # The factors' setup (C backward passes) pays off over repeated blocks: over one batch,
         # from a session's second block on (a block solver; they are then kept), not for a
         # lone product. Over several batches nothing is kept: the timing below counts each
