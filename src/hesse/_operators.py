@@ -404,12 +404,7 @@ class CurvatureOperator(LayoutOperator):
                 params = dict(zip(names, leaves))
                 value = loss(self.criterion, self.model, params, batch.inputs, batch.target)
                 grads = torch.autograd.grad(value, leaves, allow_unused=True)
-            return torch.cat(
-                [
-                    (g if g is not None else torch.zeros_like(t)).reshape(-1)
-                    for g, t in zip(grads, leaves)
-                ]
-            )
+            return _flat(grads, leaves)
 
         return self._accumulate(per_batch, self._state.theta.new_zeros(self.layout.numel))
 
@@ -727,12 +722,7 @@ class HessianOperator(CurvatureOperator):
                 retain_graph=retain,
                 allow_unused=True,
             )
-        return torch.cat(
-            [
-                (h if h is not None else torch.zeros_like(leaf)).reshape(-1)
-                for h, leaf in zip(products, leaves)
-            ]
-        )
+        return _flat(products, leaves)
 
     def _gradient_graph(self, batch: Batch) -> tuple[list[Tensor], Sequence[Tensor | None], bool]:
         """Leaves for the selected parameters, the loss gradient with its graph, and kept-ness.
@@ -774,6 +764,13 @@ def _jacobian_products(
     value, jt = vjp(f, theta)[:2]
     j = vjp(lambda u: jt(u)[0], torch.zeros_like(value))[1]
     return value, lambda v: j(v)[0], lambda u: jt(u)[0]
+
+
+def _flat(grads: Sequence[Tensor | None], leaves: Sequence[Tensor]) -> Tensor:
+    """Per-leaf results as one flat vector, zeros where autograd returned None (unused)."""
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(t)).reshape(-1) for g, t in zip(grads, leaves)]
+    )
 
 
 def _autograd_grad(output: Tensor, inputs: Tensor, weights: Tensor) -> Tensor:
@@ -1010,12 +1007,7 @@ class GGNOperator(CurvatureOperator):
             )
             hjv = _autograd_grad(gz, zd, jv.detach())
             grads = torch.autograd.grad(z, leaves, hjv, allow_unused=True)
-        return torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(t)).reshape(-1)
-                for g, t in zip(grads, leaves)
-            ]
-        )
+        return _flat(grads, leaves)
 
     def _looped_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
         """``Jᵀ H J v`` by plain autograd, one column at a time.

@@ -434,15 +434,15 @@ def _eigsh(
             w.addmv_(rows[lo : size + 1].T, local, alpha=-1)
             coefficients = basis @ w
             w.addmv_(basis.T, coefficients, alpha=-1)
-            removed = torch.linalg.vector_norm(coefficients)
+            removed_norm = torch.linalg.vector_norm(coefficients)  # what the full pass removed
             coefficients[lo:] += local
-            norm, removed_, peak = torch.stack(
-                [torch.linalg.vector_norm(w), removed, coefficients.abs().max()]
+            norm, removed, peak = torch.stack(
+                [torch.linalg.vector_norm(w), removed_norm, coefficients.abs().max()]
             ).tolist()  # one synchronisation
             largest = max(largest, peak)
             # Twice is enough: a second pass when the full one removed most of what was left
             # (‖w‖ below 0.7 of its norm before it, ‖w‖² + ‖c‖²).
-            if norm * norm < 0.49 * (norm * norm + removed_ * removed_):
+            if norm * norm < 0.49 * (norm * norm + removed * removed):
                 correction = basis @ w
                 w.addmv_(basis.T, correction, alpha=-1)
                 coefficients += correction
