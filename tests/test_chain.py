@@ -29,6 +29,7 @@ import hesse._chain
 import hesse._operators
 import hesse._spectral
 from hesse._chain import ChainProducts, chain_products
+from hesse._layers import KnownLoss
 from hesse._layout import ParamLayout
 
 F64 = torch.float64
@@ -722,12 +723,84 @@ def test_a_forward_that_disagrees_with_the_chain_is_refused(
     check_operators(model, criterion, x, y)
 
 
+# -- the criterion's Hessian in the outputs ----------------------------------------------------
+
+
+def _known_case(kind: str) -> tuple[Criterion, Tensor, bool]:
+    """A criterion, its target for 8 samples of 3 classes, and whether it has a closed form."""
+    labels = _labels(8, 3)
+    if kind == "ce":
+        return nn.CrossEntropyLoss(), labels, True
+    if kind == "ce_sum":
+        return nn.CrossEntropyLoss(reduction="sum"), labels, True
+    if kind == "mse_sum":
+        return nn.MSELoss(reduction="sum"), _randn(8, 3, seed=2), True
+    if kind == "ce_weighted":
+        return nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=F64)), labels, False
+    if kind == "ce_smoothing":
+        return nn.CrossEntropyLoss(label_smoothing=0.1), labels, False
+    if kind == "ce_ignored":  # sample 0's class is ignored: the mean is over the other 7
+        return nn.CrossEntropyLoss(ignore_index=int(labels[0])), labels, False
+    if kind == "ce_soft":
+        return nn.CrossEntropyLoss(), torch.softmax(_randn(8, 3, seed=2), dim=1), False
+    assert kind == "subclass"
+
+    class Scaled(nn.CrossEntropyLoss):
+        def forward(self, out: Tensor, t: Tensor) -> Tensor:
+            return 3.0 * super().forward(out, t)
+
+    return Scaled(), labels, False
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["ce", "ce_sum", "mse_sum", "ce_weighted", "ce_smoothing", "ce_ignored", "ce_soft", "subclass"],
+)
+def test_cross_entropy_and_mse_take_their_closed_form(kind: str, routes: list[bool]) -> None:
+    # Cross-entropy and MSE skip torch.func for their outputs' Hessian; every variant the
+    # closed form does not cover (class weights, smoothing, ignored or soft targets, a
+    # subclass) goes through torch.func, and all agree with the oracle.
+    model = mlp([4, 5, 3], nn.Tanh, seed=66)
+    x = _randn(8, 4, seed=67)
+    criterion, y, closed = _known_case(kind)
+    chain = direct(model, criterion, (x,), y)
+    assert chain is not None
+    assert isinstance(getattr(chain.hz, "__self__", None), KnownLoss) == closed
+    rows = _randn(3, model_numel(model), seed=68)
+    assert_close(chain.hessian(rows), rows @ oracle_hessian(model, criterion, x, y))
+    assert_close(chain.ggn(rows), rows @ oracle_ggn(model, criterion, x, y))
+    check_operators(model, criterion, x, y)
+
+
+def test_a_patched_cross_entropy_fails_the_gradient_check() -> None:
+    # The class is nn.CrossEntropyLoss, but the instance's forward was replaced: the
+    # closed-form gradient disagrees with autograd's, and torch.func gives the patched loss's
+    # Hessian (which couples the samples).
+    criterion = nn.CrossEntropyLoss()
+    criterion.forward = types.MethodType(  # type: ignore[method-assign]
+        lambda self, out, t: 2.0 * F.cross_entropy(out, t) ** 2, criterion
+    )
+    model = mlp([4, 5, 3], nn.Tanh, seed=69)
+    x, y = _randn(8, 4, seed=70), _labels(8, 3)
+    chain = direct(model, criterion, (x,), y)
+    assert chain is not None
+    assert not isinstance(getattr(chain.hz, "__self__", None), KnownLoss)
+    check_operators(model, criterion, x, y)
+
+
 # -- column chunks, state, sessions ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("entries", [1, 2 * 9 * 6])  # one column per chunk; two per chunk
+@pytest.mark.parametrize(
+    ("entries", "cpu_bytes", "sizes"),
+    [
+        (1, 1 << 21, [1] * 5),  # one column per chunk
+        (2 * 9 * 6, 1 << 21, [2, 2, 1]),  # two per chunk
+        (1 << 24, 4 * 9 * 6 * 8, [3, 2]),  # four fit the CPU's budget: equal chunks instead
+    ],
+)
 def test_column_chunks_give_the_same_products(
-    entries: int, monkeypatch: pytest.MonkeyPatch
+    entries: int, cpu_bytes: int, sizes: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = mlp([4, 5, 4, 3], nn.SiLU, seed=60)
     x, y = _randn(9, 4, seed=61), _labels(9, 3)
@@ -740,15 +813,18 @@ def test_column_chunks_give_the_same_products(
     calls: list[int] = []
     product = ChainProducts._product
 
-    def counted(self: ChainProducts, tangents: Tensor, second_order: bool) -> Tensor:
+    def counted(
+        self: ChainProducts, tangents: Tensor, second_order: bool, out: Tensor
+    ) -> None:
         calls.append(tangents.shape[0])
-        return product(self, tangents, second_order)
+        product(self, tangents, second_order, out)
 
     monkeypatch.setattr(hesse._chain, "_CHUNK_ENTRIES", entries)
+    monkeypatch.setattr(hesse._chain, "_CPU_CHUNK_BYTES", cpu_bytes)
     monkeypatch.setattr(ChainProducts, "_product", counted)
     assert_close(chain.hessian(rows), whole_h)
     assert_close(chain.ggn(rows), whole_g)
-    assert len(calls) == 2 * (5 if entries == 1 else 3), calls
+    assert calls == sizes * 2
     assert_close(whole_h, rows @ oracle_hessian(model, criterion, x, y))
     assert_close(whole_g, rows @ oracle_ggn(model, criterion, x, y))
     # Through the operators, chunked.

@@ -41,6 +41,7 @@ from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
 from hesse._functional import criterion_loss, evaluate
+from hesse._layers import known_loss
 from hesse._layout import ParamLayout
 from hesse._transforms import _out_of_memory
 
@@ -48,6 +49,8 @@ __all__ = ["Chain", "ChainProducts", "chain_of", "chain_products"]
 
 # Numbers in one layer's tangents per pass (64 MiB in float32): more columns go in chunks.
 _CHUNK_ENTRIES = 1 << 24
+# The CPU's chunks: the widest tangent of a chunk within 2 MiB (a core's L2 cache).
+_CPU_CHUNK_BYTES = 1 << 21
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -208,15 +211,13 @@ class ChainProducts:
         chain: Chain,
         layout: ParamLayout,
         passes: _Passes,
-        out_shape: tuple[int, ...],
         gz: Tensor,
         hz: Callable[[Tensor], Tensor],
     ) -> None:
         self.steps = chain.steps
         self.layout = layout
         self.passes = passes
-        self.out_shape = out_shape
-        self.hz = hz
+        self.hz = hz  # (rows, K, C) -> (rows, K, C), a new tensor
         # The backward pass: δ at every step's output, and σ''(s) ⊙ δ for the Hessian's part.
         n = len(self.steps)
         self.deltas: list[Tensor] = []
@@ -246,19 +247,26 @@ class ChainProducts:
         return self._chunked(tangents, second_order=False)
 
     def _chunked(self, tangents: Tensor, second_order: bool) -> Tensor:
-        # Each layer's tangents take rows x K x width numbers: columns in chunks that keep
-        # them within _CHUNK_ENTRIES (as vmap's chunks would).
+        # Each layer's tangents take rows x K x width numbers: columns go in equal chunks that
+        # keep the widest within _CHUNK_ENTRIES (as vmap's chunks would) and, on the CPU,
+        # within _CPU_CHUNK_BYTES, where a chunk's temporaries stay in a core's cache and the
+        # allocator reuses them from chunk to chunk instead of mapping fresh pages (the MLP
+        # 64-96-96-10, batch 512, K = 32: GGN 20 against 25 ms, Hessian 28 against 35 ms).
         widths = [t.shape[-1] for t in self.passes.inputs] + [self.passes.outputs.shape[-1]]
-        per_column = self.passes.inputs[0].shape[0] * max(widths)
-        step = max(1, _CHUNK_ENTRIES // max(per_column, 1))
+        per_column = max(self.passes.inputs[0].shape[0] * max(widths), 1)
+        budget = _CHUNK_ENTRIES
+        if tangents.device.type == "cpu":
+            budget = min(budget, _CPU_CHUNK_BYTES // tangents.element_size())
         k = tangents.shape[0]
-        if k <= step:
-            return self._product(tangents, second_order)
-        return torch.cat(
-            [self._product(tangents[i : i + step], second_order) for i in range(0, k, step)]
-        )
+        chunks = -(-k // max(1, budget // per_column))
+        step = -(-k // chunks)
+        out = tangents.new_zeros(tangents.shape)
+        for i in range(0, k, step):
+            self._product(tangents[i : i + step], second_order, out[i : i + step])
+        return out
 
-    def _product(self, tangents: Tensor, second_order: bool) -> Tensor:
+    def _product(self, tangents: Tensor, second_order: bool, out: Tensor) -> None:
+        """Writes the products of ``tangents`` ``(K, N)`` into ``out`` (zeros, ``(K, N)``)."""
         k, steps, passes = tangents.shape[0], self.steps, self.passes
         rows = passes.inputs[0].shape[0]
         # Forward: the tangent of every step's input, (rows, K, d); None while it is zero.
@@ -279,15 +287,11 @@ class ChainProducts:
                     dots[i + 1] = dot * slope[:, None, :]  # ṡ itself is needed backward
                 else:
                     dots[i + 1] = dot.mul_(slope[:, None, :])
-        out = tangents.new_zeros(tangents.shape)
         out_dot = dots[-1]
         if out_dot is None:
-            return out
-        # The outputs: δ̇ = ∇²_z ℓ ż, by torch.func on the criterion alone.
-        width = out_dot.shape[-1]
-        z_dot = out_dot.transpose(0, 1).reshape(k, *self.out_shape)
-        # (rows, K, C), owned: updated in place below (vmap may return an expanded tensor).
-        d_dot = vmap(self.hz)(z_dot).reshape(k, rows, width).transpose(0, 1).contiguous()
+            return
+        # The outputs: δ̇ = ∇²_z ℓ ż.
+        d_dot = self.hz(out_dot)
         for i in range(len(steps) - 1, self.first - 1, -1):
             step, delta, dot = steps[i], self.deltas[i], dots[i]
             if isinstance(step, _Linear):
@@ -300,11 +304,11 @@ class ChainProducts:
                 if step.weight is not None:
                     # Weight and bias from one GEMM with [h, 1]; the weight alone without.
                     both = flat.T @ (augmented if step.bias else augmented[:, :d_in])
-                    gw = both[:, :d_in].view(k, d_out, d_in)
+                    gw = out[:, self.layout.slice(step.weight)].view(k, d_out, d_in)
+                    gw.copy_(both[:, :d_in].view(k, d_out, d_in))
                     if second_order and dot is not None:
                         own = dot.reshape(rows, k * d_in).T @ delta  # (K·d_in, d_out)
                         gw += own.view(k, d_in, d_out).transpose(1, 2)
-                    out[:, self.layout.slice(step.weight)] = gw.reshape(k, -1)
                     if step.bias is not None:
                         out[:, self.layout.slice(step.bias)] = both[:, d_in].view(k, d_out)
                 elif step.bias is not None:
@@ -324,7 +328,6 @@ class ChainProducts:
                 d_dot.mul_(slope[:, None, :])
                 if second_order and curl is not None and dot is not None:
                     d_dot.addcmul_(curl[:, None, :], dot)
-        return out
 
     def _tangent_blocks(
         self, step: _Linear, tangents: Tensor, k: int
@@ -457,11 +460,13 @@ def chain_products(
         if not torch.allclose(z, reference, rtol=tol, atol=tol * scale):
             return None
 
+    known = known_loss(criterion, z, target)
+    if known is not None:
+        # Cross-entropy and MSE in closed form (rows (B, C), any K in the middle).
+        return ChainProducts(chain, layout, passes, known.gradient, known.hessian_product)
+
     def loss_of_outputs(out: Tensor) -> Tensor:
         return criterion_loss(criterion, out, target)
-
-    def h_of(t: Tensor) -> Tensor:
-        return hz(t)[0]
 
     try:
         # A criterion torch.func cannot transform (an autograd.Function without
@@ -472,4 +477,14 @@ def chain_products(
         if _out_of_memory(err):
             raise
         return None
-    return ChainProducts(chain, layout, passes, tuple(z.shape), gz, h_of)
+    out_shape, width = tuple(z.shape), z.shape[-1]
+
+    def h_of(dots: Tensor) -> Tensor:
+        # (rows, K, C) -> (K, *outputs' shape): vmap over the columns, and back.
+        rows, k = dots.shape[:2]
+        z_dot = dots.transpose(0, 1).reshape(k, *out_shape)
+        # Owned: the products update it in place (vmap may return an expanded tensor).
+        product = vmap(lambda t: hz(t)[0])(z_dot)
+        return product.reshape(k, rows, width).transpose(0, 1).contiguous()
+
+    return ChainProducts(chain, layout, passes, gz, h_of)

@@ -45,6 +45,7 @@ from hesse._transforms import _out_of_memory
 __all__ = [
     "FactoredGGN",
     "GGNFactors",
+    "KnownLoss",
     "Record",
     "check_sampled",
     "exact_factor",
@@ -52,6 +53,7 @@ __all__ = [
     "ggn_diagonal_blocks",
     "ggn_factors",
     "hessian_diagonal_blocks",
+    "known_loss",
     "linear_sites",
     "model_diagonal_blocks",
     "recording",
@@ -752,41 +754,59 @@ def _output_factor(
     return s.permute(2, 0, 1).reshape(width, *f.shape), values.sign().T
 
 
-def _closed_factor(
-    criterion: Callable[..., Tensor], f: Tensor, target: Any, batch: int
-) -> Factor | None:
-    """The factor of cross-entropy's and MSE's outputs' Hessian in closed form, verified.
+@dataclass(frozen=True)
+class KnownLoss:
+    """Cross-entropy or MSE of one batch's outputs, recognised and verified.
 
-    Cross-entropy with class indices: ``w (diag p − p pᵀ) = S Sᵀ`` with
-    ``S = √w (diag √p − p √pᵀ)``, ``p`` the softmax and ``w`` ``1/B`` for the mean; MSE:
-    ``S = √w I`` with ``w`` ``2/numel`` for the mean. The closed-form gradient against
-    autograd's gradient of the criterion confirms the form (a patched criterion falls back to
-    the general factor; a subclass is not recognised at all).
+    The outputs' Hessian is ``w (diag p − p pᵀ)`` per sample for cross-entropy with class
+    indices (``p`` the softmax, ``w`` ``1/B`` for the mean) and ``w I`` for MSE (``w``
+    ``2/numel`` for the mean).
+    """
+
+    weight: float
+    probabilities: Tensor | None  # (B, C) for cross-entropy; None for MSE
+    gradient: Tensor  # ∇_f ℓ, f's shape
+
+    def hessian_product(self, t: Tensor) -> Tensor:
+        """Tangents of the outputs ``(B, ..., C)`` (any dims between) times their Hessian."""
+        p = self.probabilities
+        if p is None:
+            return t * self.weight
+        p = p.view(p.shape[0], *(1,) * (t.ndim - 2), p.shape[1])
+        u = t * p
+        return u.sub_(p * u.sum(-1, keepdim=True)).mul_(self.weight)
+
+
+def known_loss(criterion: Callable[..., Tensor], f: Tensor, target: Any) -> KnownLoss | None:
+    """The closed form of ``criterion`` at outputs ``f`` (``(B, ...)``), or None.
+
+    ``nn.CrossEntropyLoss`` (no class weights, label smoothing or ignored targets; outputs
+    ``(B, C)``, class indices ``(B,)``) and ``nn.MSELoss`` (a target shaped like ``f``), both
+    with reduction ``"mean"`` or ``"sum"``. The closed-form gradient against autograd's
+    gradient of the criterion confirms the form: a patched criterion is not taken (and a
+    subclass not recognised at all).
     """
     reduction = getattr(criterion, "reduction", None)
-    if reduction not in ("mean", "sum"):
+    if reduction not in ("mean", "sum") or not isinstance(target, Tensor) or f.ndim < 1:
         return None
+    batch = f.shape[0]
+    p = None
     if (
         type(criterion) is nn.CrossEntropyLoss
         and criterion.weight is None
         and criterion.label_smoothing == 0
         and f.ndim == 2
-        and isinstance(target, Tensor)
+        and batch > 0
         and target.shape == (batch,)
         and not target.is_floating_point()
         and not bool((target == criterion.ignore_index).any())
     ):
         w = 1.0 / batch if reduction == "mean" else 1.0
-        p = torch.softmax(f, dim=1)
-        root = p.sqrt()
-        s = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]  # s[n, :, c]
-        s = (s * w**0.5).permute(2, 0, 1)  # (C, B, C)
+        p = torch.softmax(f.detach(), dim=1)
         expected_gradient = w * (p - F.one_hot(target, f.shape[1]).to(f.dtype))
-    elif type(criterion) is nn.MSELoss and isinstance(target, Tensor) and target.shape == f.shape:
+    elif type(criterion) is nn.MSELoss and target.shape == f.shape and f.numel() > 0:
         w = 2.0 / f.numel() if reduction == "mean" else 2.0
-        width = f[0].numel()
-        s = _unit_probes(batch, (width,), f).reshape(width, *f.shape) * w**0.5
-        expected_gradient = w * (f - target)
+        expected_gradient = w * (f.detach() - target)
     else:
         return None
     leaf = f.detach().requires_grad_()
@@ -794,6 +814,27 @@ def _closed_factor(
         (g,) = torch.autograd.grad(criterion_loss(criterion, leaf, target), leaf)
     if not _close(g, expected_gradient, slack=1e4):
         return None
+    return KnownLoss(w, p, expected_gradient)
+
+
+def _closed_factor(
+    criterion: Callable[..., Tensor], f: Tensor, target: Any, batch: int
+) -> Factor | None:
+    """The factor ``S`` (``S Sᵀ`` the outputs' Hessian) of a `known_loss`, or None.
+
+    Cross-entropy: ``S = √w (diag √p − p √pᵀ)``; MSE: ``S = √w I``.
+    """
+    known = known_loss(criterion, f, target)
+    if known is None:
+        return None
+    w, p = known.weight, known.probabilities
+    if p is not None:
+        root = p.sqrt()
+        s = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]  # s[n, :, c]
+        s = (s * w**0.5).permute(2, 0, 1)  # (C, B, C)
+    else:
+        width = f[0].numel()
+        s = _unit_probes(batch, (width,), f).reshape(width, *f.shape) * w**0.5
     return s, f.new_ones(s.shape[0], batch)
 
 

@@ -481,16 +481,18 @@ class CurvatureOperator(LayoutOperator):
         k = tangents.shape[0]
 
         def per_batch(batch: Batch) -> Tensor:
+            # Accumulated as rows (K, N), the layout vmap returns: contiguous adds.
             if k == 1:
                 return self._batch_product(batch, tangents[0])[None]
-            # Accumulated as rows (K, N), the layout vmap returns: contiguous adds.
+            if k <= TARGET_COLUMNS:
+                return self._batch_matmat(batch, tangents)
             out = tangents.new_empty(tangents.shape)
             for start in range(0, k, TARGET_COLUMNS):
                 rows = slice(start, start + TARGET_COLUMNS)
                 out[rows] = self._batch_matmat(batch, tangents[rows])
             return out
 
-        return self._accumulate(per_batch, tangents.new_zeros(tangents.shape)).T.contiguous()
+        return self._accumulate(per_batch, tuple(tangents.shape)).T.contiguous()
 
     def to_dense(self) -> Tensor:
         """The ``(N, N)`` matrix, built from products with identity columns.
@@ -553,18 +555,28 @@ class CurvatureOperator(LayoutOperator):
             if batch.size:  # an empty batch adds nothing (and its mean loss is NaN)
                 yield batch
 
-    def _accumulate(self, per_batch: Callable[[Batch], Tensor], out: Tensor) -> Tensor:
+    def _accumulate(
+        self, per_batch: Callable[[Batch], Tensor], out: Tensor | tuple[int, ...]
+    ) -> Tensor:
         """``Σ_b w_b per_batch(b)`` over one pass of the data, summed over the ranks.
 
         ``w_b = B_b / N`` for a mean-reduced loss and 1 for a sum, with ``N`` the samples of
         this very pass: a list that grew since construction is weighted by what it holds now.
+        ``out`` is zeros to add into, or the result's shape: the sum then starts from the first
+        batch's weighted result (no zeros to fill and add to).
         """
         mean = self.reduction != "sum"
         count = batches = 0
         for batch in self._batches():
             count += batch.size
             batches += 1
-            out.add_(per_batch(batch), alpha=batch.size if mean else 1)
+            part = per_batch(batch)
+            if not isinstance(out, Tensor):
+                out = part * (batch.size if mean else 1)
+            else:
+                out.add_(part, alpha=batch.size if mean else 1)
+        if not isinstance(out, Tensor):  # no batch on this rank
+            out = self._state.theta.new_zeros(out)
         if self.shard.distributed:
             total = self.shard.all_reduce(torch.tensor([count], dtype=torch.float64))
             count = int(total.item())
