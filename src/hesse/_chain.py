@@ -41,7 +41,7 @@ from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
 from hesse._functional import criterion_loss, evaluate
-from hesse._layers import known_loss
+from hesse._layers import GGNFactors, KnownLoss, Site, known_loss
 from hesse._layout import ParamLayout
 from hesse._transforms import _out_of_memory
 
@@ -213,11 +213,13 @@ class ChainProducts:
         passes: _Passes,
         gz: Tensor,
         hz: Callable[[Tensor], Tensor],
+        known: KnownLoss | None = None,
     ) -> None:
         self.steps = chain.steps
         self.layout = layout
         self.passes = passes
         self.hz = hz  # (rows, K, C) -> (rows, K, C), a new tensor
+        self.known = known  # the criterion's closed form, where it has one
         # The backward pass: δ at every step's output, and σ''(s) ⊙ δ for the Hessian's part.
         n = len(self.steps)
         self.deltas: list[Tensor] = []
@@ -237,6 +239,45 @@ class ChainProducts:
         self.first = next(
             i for i, s in enumerate(self.steps) if isinstance(s, _Linear) and (s.weight or s.bias)
         )
+
+    @property
+    def has_factors(self) -> bool:
+        """Whether `ggn_factors` gives the factors: a closed-form loss of the samples' rows."""
+        known = self.known
+        return known is not None and known.gradient.shape == self.passes.outputs.shape
+
+    def ggn_factors(self) -> GGNFactors | None:
+        """The GGN's factors (`hesse._layers.GGNFactors`) from the kept passes.
+
+        The columns of the outputs' factor ``S`` (closed form) go backward through the chain
+        as ``C`` tangents: one matrix product per layer for all of them, where the general
+        `hesse._layers.ggn_factors` runs ``C`` backward passes of the model and checks.
+        None without a closed-form criterion, or with rows other than the samples.
+        """
+        if not self.has_factors:
+            return None
+        known, passes = self.known, self.passes
+        assert known is not None
+        rows = passes.outputs.shape[0]
+        s, sign = known.factor()  # (C, B, C_out)
+        columns = s.shape[0]
+        d = s.transpose(0, 1)  # (B, C, d): S backward through the steps
+        layers = []
+        for i in range(len(self.steps) - 1, self.first - 1, -1):
+            step = self.steps[i]
+            if isinstance(step, _Linear):
+                if step.weight or step.bias:
+                    site = Site(str(i), step.module, step.weight, step.bias)
+                    a = passes.inputs[i][:, None, :-1]  # (B, 1, d_in)
+                    layers.append((site, a, d.transpose(0, 1)[:, :, None]))  # (C, B, 1, d_out)
+                weight = passes.weights[i]
+                if i > self.first and weight is not None:
+                    d = (d.reshape(rows * columns, -1) @ weight).view(rows, columns, -1)
+            else:
+                slope = passes.slopes[i]
+                assert slope is not None
+                d = d * slope[:, None, :]
+        return GGNFactors(tuple(reversed(layers)), sign)
 
     def hessian(self, tangents: Tensor) -> Tensor:
         """``(K, N) -> (K, N)``: rows multiplied by the Hessian of the batch loss."""
@@ -260,13 +301,14 @@ class ChainProducts:
         k = tangents.shape[0]
         chunks = -(-k // max(1, budget // per_column))
         step = -(-k // chunks)
-        out = tangents.new_zeros(tangents.shape)
+        # Every entry is written. Rows (K, N) of an (N, K) block: what the operators return.
+        out = tangents.new_empty(tangents.shape[::-1]).T
         for i in range(0, k, step):
             self._product(tangents[i : i + step], second_order, out[i : i + step])
         return out
 
     def _product(self, tangents: Tensor, second_order: bool, out: Tensor) -> None:
-        """Writes the products of ``tangents`` ``(K, N)`` into ``out`` (zeros, ``(K, N)``)."""
+        """Writes the products of ``tangents`` ``(K, N)`` into ``out`` ``(K, N)``."""
         k, steps, passes = tangents.shape[0], self.steps, self.passes
         rows = passes.inputs[0].shape[0]
         # Forward: the tangent of every step's input, (rows, K, d); None while it is zero.
@@ -288,7 +330,8 @@ class ChainProducts:
                 else:
                     dots[i + 1] = dot.mul_(slope[:, None, :])
         out_dot = dots[-1]
-        if out_dot is None:
+        if out_dot is None:  # the outputs do not depend on the selected parameters
+            out.zero_()
             return
         # The outputs: δ̇ = ∇²_z ℓ ż.
         d_dot = self.hz(out_dot)
@@ -463,7 +506,9 @@ def chain_products(
     known = known_loss(criterion, z, target)
     if known is not None:
         # Cross-entropy and MSE in closed form (rows (B, C), any K in the middle).
-        return ChainProducts(chain, layout, passes, known.gradient, known.hessian_product)
+        return ChainProducts(
+            chain, layout, passes, known.gradient, known.hessian_product, known=known
+        )
 
     def loss_of_outputs(out: Tensor) -> Tensor:
         return criterion_loss(criterion, out, target)

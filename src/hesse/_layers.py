@@ -66,6 +66,8 @@ _HALF = (torch.float16, torch.bfloat16)
 # Probes per batched backward pass, and the most probe entries (probes x B x d_out) at once.
 _PROBES = 256
 _PROBE_ENTRIES = 1 << 24
+# On the CPU, the factored GGN's per-chunk temporaries stay within 2 MiB (a core's L2 cache).
+_CPU_CHUNK_BYTES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -645,39 +647,59 @@ class FactoredGGN:
             self.layers.append((site, augmented, by_sample, by_sample.transpose(1, 2).contiguous()))
 
     def matmat(self, tangents: Tensor) -> Tensor:
-        """``(K, N) -> (K, N)``: each row multiplied by the batch's GGN."""
-        k = tangents.shape[0]
-        blocks = self.layout.unflatten(tangents)
-        u: Tensor | None = None
-        for site, a, m, _ in self.layers:
-            w = self._augmented(site, blocks, k, a)  # (d_in + 1, d_out * K), column (i, k)
-            y = (a @ w).view(a.shape[0], -1, k)  # (B, d_out, K): W_k a_n + b_k
-            step = torch.bmm(m, y)  # (B, C, K)
-            u = step if u is None else u + step
-        assert u is not None
-        u = u * self.sign
-        out = {}
-        for site, a, _, mt in self.layers:
-            p = torch.bmm(mt, u)  # (B, d_out, K)
-            d = p.shape[1]
-            full = (a.T @ p.view(-1, d * k)).view(-1, d, k)  # (d_in + 1, d_out, K)
-            if site.weight is not None:
-                out[site.weight] = full[:-1].permute(2, 1, 0)  # (K, d_out, d_in)
-            if site.bias is not None:
-                out[site.bias] = full[-1].T
-        return torch.cat([out[n].reshape(k, -1) for n in self.layout.names], dim=1)
+        """``(K, N) -> (K, N)``: each row multiplied by the batch's GGN.
 
-    @staticmethod
-    def _augmented(site: Site, blocks: dict[str, Tensor], k: int, a: Tensor) -> Tensor:
+        Computed on the columns ``(N, K)``, the layout of the factors' products (``K``
+        innermost), and returned as the rows' view of an ``(N, K)`` block. On the CPU the
+        samples go in chunks whose ``(B, d_out, K)`` temporaries stay within 2 MiB: in a
+        core's cache, and reused by the allocator instead of fresh pages (K = 16, float64, MLP
+        64-96-96-10, batch 512: 13 against 21 ms).
+        """
+        k = tangents.shape[0]
+        cols = tangents.T  # (N, K)
+        weights = [self._augmented(site, cols, k) for site, *_ in self.layers]
+        sums = [w.new_zeros(w.shape) for w in weights]  # (d_in + 1, d_out * K)
+        batch = self.layers[0][1].shape[0]
+        step = batch
+        if tangents.device.type == "cpu":
+            widest = max(m.shape[2] for _, _, m, _ in self.layers) * k
+            step = max(1, _CPU_CHUNK_BYTES // (widest * tangents.element_size()))
+        for lo in range(0, batch, step):
+            rows = slice(lo, lo + step)
+            u: Tensor | None = None
+            for (_, a, m, _), w in zip(self.layers, weights):
+                y = (a[rows] @ w).view(-1, m.shape[2], k)  # (b, d_out, K): W_k a_n + b_k
+                part = torch.bmm(m[rows], y)  # (b, C, K)
+                u = part if u is None else u.add_(part)
+            assert u is not None
+            u.mul_(self.sign[rows])
+            for (_, a, _, mt), total in zip(self.layers, sums):
+                p = torch.bmm(mt[rows], u)  # (b, d_out, K)
+                total.addmm_(a[rows].T, p.view(p.shape[0], -1))
+        out = tangents.new_empty(tangents.shape[::-1])  # (N, K); every entry is written
+        for (site, *_), total in zip(self.layers, sums):
+            m = site.module
+            full = total.view(m.in_features + 1, m.out_features, k)
+            if site.weight is not None:
+                block = out[self.layout.slice(site.weight)]
+                block.view(m.out_features, m.in_features, k).copy_(full[:-1].transpose(0, 1))
+            if site.bias is not None:
+                out[self.layout.slice(site.bias)] = full[-1]
+        return out.T
+
+    def _augmented(self, site: Site, cols: Tensor, k: int) -> Tensor:
+        """``(d_in + 1, d_out * K)``: the layer's weight and bias tangents, entry (i, (o, k))."""
         m = site.module
-        weight = (
-            blocks[site.weight]
-            if site.weight is not None
-            else a.new_zeros(k, m.out_features, m.in_features)
-        )
-        bias = blocks[site.bias] if site.bias is not None else a.new_zeros(k, m.out_features)
-        both = torch.cat([weight.permute(2, 1, 0), bias.T[None]], dim=0)  # (d_in + 1, d_out, K)
-        return both.reshape(m.in_features + 1, -1)
+        if site.weight is not None:
+            weight = cols[self.layout.slice(site.weight)].view(m.out_features, m.in_features, k)
+        else:
+            weight = cols.new_zeros(m.out_features, m.in_features, k)
+        if site.bias is not None:
+            bias = cols[self.layout.slice(site.bias)]
+        else:
+            bias = cols.new_zeros(m.out_features, k)
+        both = torch.cat([weight.transpose(0, 1), bias[None]], dim=0)  # (d_in + 1, d_out, K)
+        return both.view(m.in_features + 1, -1)
 
 
 def factored_ggn(factors: GGNFactors | None, layout: ParamLayout) -> FactoredGGN | None:
@@ -776,6 +798,22 @@ class KnownLoss:
         u = t * p
         return u.sub_(p * u.sum(-1, keepdim=True)).mul_(self.weight)
 
+    def factor(self) -> Factor:
+        """Columns ``S_c`` ``(C, B, ...)`` with ``Σ_c S_c S_cᵀ`` each sample's Hessian; signs.
+
+        Cross-entropy: ``S = √w (diag √p − p √pᵀ)``; MSE: ``S = √w I``.
+        """
+        w, p, f = self.weight, self.probabilities, self.gradient
+        batch = f.shape[0]
+        if p is not None:
+            root = p.sqrt()
+            s = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]  # s[n, :, c]
+            s = (s * w**0.5).permute(2, 0, 1)  # (C, B, C)
+        else:
+            width = f[0].numel()
+            s = _unit_probes(batch, (width,), f).reshape(width, *f.shape) * w**0.5
+        return s, f.new_ones(s.shape[0], batch)
+
 
 def known_loss(criterion: Callable[..., Tensor], f: Tensor, target: Any) -> KnownLoss | None:
     """The closed form of ``criterion`` at outputs ``f`` (``(B, ...)``), or None.
@@ -820,22 +858,9 @@ def known_loss(criterion: Callable[..., Tensor], f: Tensor, target: Any) -> Know
 def _closed_factor(
     criterion: Callable[..., Tensor], f: Tensor, target: Any, batch: int
 ) -> Factor | None:
-    """The factor ``S`` (``S Sᵀ`` the outputs' Hessian) of a `known_loss`, or None.
-
-    Cross-entropy: ``S = √w (diag √p − p √pᵀ)``; MSE: ``S = √w I``.
-    """
+    """The factor of a `known_loss`'s outputs' Hessian, or None."""
     known = known_loss(criterion, f, target)
-    if known is None:
-        return None
-    w, p = known.weight, known.probabilities
-    if p is not None:
-        root = p.sqrt()
-        s = torch.diag_embed(root) - p[:, :, None] * root[:, None, :]  # s[n, :, c]
-        s = (s * w**0.5).permute(2, 0, 1)  # (C, B, C)
-    else:
-        width = f[0].numel()
-        s = _unit_probes(batch, (width,), f).reshape(width, *f.shape) * w**0.5
-    return s, f.new_ones(s.shape[0], batch)
+    return None if known is None else known.factor()
 
 
 def check_sampled(criterion: Any) -> None:
