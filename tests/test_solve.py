@@ -535,3 +535,33 @@ def test_a_product_that_is_not_finite_is_reported() -> None:
 
     with pytest.raises(ValueError, match="A: a product A @ V returned NaN"):
         hesse.solve(Broken(_spd(10)), _rhs(10))
+
+
+class _Kept:
+    """A user's operator that returns tensors it keeps: its input itself, or a cached block."""
+
+    def __init__(self, a: Tensor) -> None:
+        self.a = a
+        self.shape, self.dtype, self.device = tuple(a.shape), a.dtype, a.device
+        self.cache: dict[int, Tensor] = {}
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        if bool((self.a == torch.eye(self.shape[0], dtype=self.dtype)).all()):
+            return v  # the identity, without a copy
+        out = self.cache.setdefault(v.shape[-1], torch.empty_like(v))
+        return torch.matmul(self.a, v, out=out)
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+@pytest.mark.parametrize("k", [None, 3])
+def test_damping_never_writes_into_a_user_operators_products(method: str, k: int | None) -> None:
+    # hesse adds the damping in place only to its own products (new tensors): a user's
+    # identity that returns V itself, or a product written into a kept buffer, stay intact.
+    b = _rhs(12, k)
+    identity = _Kept(torch.eye(12, dtype=DTYPE))
+    result = hesse.solve(identity, b, damping=0.5, method=method, tol=1e-12)
+    _close(result.solution, b / 1.5, rtol=1e-10)
+    a = _spd(12)
+    kept = _Kept(a)
+    result = hesse.solve(kept, b, damping=0.5, method=method, tol=1e-12)
+    _close(result.solution, _exact(a, b, 0.5), rtol=1e-8)

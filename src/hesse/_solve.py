@@ -246,7 +246,9 @@ class _System:
                 "an operator must map (N, K) to (N, K)."
             )
         if self.damping:
-            out = out.add(v, alpha=self.damping)
+            # In place on hesse's own products (new tensors): no (N, K) block to allocate.
+            fresh = self.lin.fresh and out.dtype == v.dtype
+            out = out.add_(v, alpha=self.damping) if fresh else out.add(v, alpha=self.damping)
         # Not checked here (a pass over N x K numbers and a sync): a NaN or infinity in a
         # product makes the methods' per-column scalars non-finite, which they check.
         return out

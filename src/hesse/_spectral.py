@@ -60,6 +60,9 @@ class _Linear:
     # A direction to start Lanczos from towards the top eigenvalues (a loss gradient), called
     # within the session; None when A offers none.
     start: Callable[[], Tensor] | None = None
+    # Whether every product is a new tensor the caller may update in place (hesse's operators;
+    # a user's operator may return a tensor it keeps).
+    fresh: bool = False
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -89,7 +92,9 @@ def _linear(a: Any) -> _Linear:
             raise TypeError(f"A: expected a floating-point matrix, got {a.dtype}.")
         _check_symmetric(a)
         m = a.float() if a.dtype in _HALF else a
-        return _Linear(m.shape[0], m.dtype, m.device, lambda v: m @ v, lambda: m, m.diagonal, 0)
+        return _Linear(
+            m.shape[0], m.dtype, m.device, lambda v: m @ v, lambda: m, m.diagonal, 0, fresh=True
+        )
     if not isinstance(a, SymmetricOperator):
         raise TypeError(
             "A: expected a symmetric (N, N) tensor or an operator with .shape, .dtype, .device "
@@ -119,7 +124,9 @@ def _linear(a: Any) -> _Linear:
 
     if isinstance(a, Operator):
         start = getattr(a, "_lanczos_start", None)
-        return _Linear(n, work, a.device, matmat, dense, diagonal, n, a.session, a.shard, start)
+        return _Linear(
+            n, work, a.device, matmat, dense, diagonal, n, a.session, a.shard, start, fresh=True
+        )
     return _Linear(n, work, a.device, matmat, dense, diagonal, n)
 
 
