@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 import hesse
 import hesse._chain
+import hesse._scratch
 import hesse._operators
 import hesse._spectral
 from hesse._chain import ChainProducts, chain_products
@@ -813,9 +814,7 @@ def test_column_chunks_give_the_same_products(
     calls: list[int] = []
     product = ChainProducts._product
 
-    def counted(
-        self: ChainProducts, tangents: Tensor, second_order: bool, out: Tensor
-    ) -> None:
+    def counted(self: ChainProducts, tangents: Tensor, second_order: bool, out: Tensor) -> None:
         calls.append(tangents.shape[0])
         product(self, tangents, second_order, out)
 
@@ -1010,3 +1009,23 @@ def test_single_products_keep_the_gradient_graph_and_blocks_take_the_route(
     block = op @ torch.stack([v, 2 * v], dim=1)
     assert_close(block[:, 0], first, rtol=1e-12)
     assert routes and all(routes)
+
+
+def test_reused_temporaries_never_leak_between_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One products' object serves blocks of changing widths in chunks (as a block solver
+    # whose columns retire): its reused buffers never carry one product into the next, also
+    # when the cap on kept bytes clears them midway.
+    model = mlp([4, 5, 4, 3], nn.Tanh, seed=71)
+    x, y, criterion = _randn(9, 4, seed=72), _labels(9, 3), nn.CrossEntropyLoss()
+    chain = direct(model, criterion, (x,), y)
+    assert chain is not None
+    hessian, ggn = oracle_hessian(model, criterion, x, y), oracle_ggn(model, criterion, x, y)
+    # (columns, most columns a chunk, bytes kept)
+    for width, per_chunk, cap in [(5, 2, 1 << 26), (3, 2, 1 << 26), (5, 2, 1 << 26), (3, 3, 2000)]:
+        monkeypatch.setattr(hesse._chain, "_CPU_CHUNK_BYTES", per_chunk * 9 * 6 * 8)
+        monkeypatch.setattr(hesse._scratch, "_SCRATCH_BYTES", cap)
+        rows = _randn(width, model_numel(model), seed=width)
+        assert_close(chain.hessian(rows), rows @ hessian)
+        assert_close(chain.ggn(rows), rows @ ggn)
+    assert chain.scratch.bytes <= 2000
+    assert hesse._scratch.Scratch(torch.device("meta"))(("a",), (2,), rows) is None

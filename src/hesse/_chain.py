@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 from hesse._functional import criterion_loss, evaluate
 from hesse._layers import GGNFactors, KnownLoss, Site, known_loss
 from hesse._layout import ParamLayout
+from hesse._scratch import Scratch
 from hesse._transforms import _out_of_memory
 
 __all__ = ["Chain", "ChainProducts", "chain_of", "chain_products"]
@@ -220,6 +221,7 @@ class ChainProducts:
         self.passes = passes
         self.hz = hz  # (rows, K, C) -> (rows, K, C), a new tensor
         self.known = known  # the criterion's closed form, where it has one
+        self.scratch = Scratch(passes.outputs.device)
         # The backward pass: δ at every step's output, and σ''(s) ⊙ δ for the Hessian's part.
         n = len(self.steps)
         self.deltas: list[Tensor] = []
@@ -309,7 +311,7 @@ class ChainProducts:
 
     def _product(self, tangents: Tensor, second_order: bool, out: Tensor) -> None:
         """Writes the products of ``tangents`` ``(K, N)`` into ``out`` ``(K, N)``."""
-        k, steps, passes = tangents.shape[0], self.steps, self.passes
+        k, steps, passes, scratch = tangents.shape[0], self.steps, self.passes, self.scratch
         rows = passes.inputs[0].shape[0]
         # Forward: the tangent of every step's input, (rows, K, d); None while it is zero.
         dots: list[Tensor | None] = [None] * (len(steps) + 1)
@@ -321,12 +323,14 @@ class ChainProducts:
                 blocks[i] = vw
                 weight = passes.weights[i]
                 assert weight is not None
-                dots[i + 1] = _linear_tangent(weight, passes.inputs[i], dot, vw, vb, k)
+                dots[i + 1] = _linear_tangent(weight, passes.inputs[i], dot, vw, vb, k, scratch, i)
             elif dot is not None:
                 slope = passes.slopes[i]
                 assert slope is not None
                 if second_order and self.curls[i] is not None:
-                    dots[i + 1] = dot * slope[:, None, :]  # ṡ itself is needed backward
+                    # ṡ itself is needed backward.
+                    moved = scratch(("dot", i), tuple(dot.shape), dot)
+                    dots[i + 1] = torch.mul(dot, slope[:, None, :], out=moved)
                 else:
                     dots[i + 1] = dot.mul_(slope[:, None, :])
         out_dot = dots[-1]
@@ -346,11 +350,18 @@ class ChainProducts:
                 d_in = augmented.shape[1] - 1
                 if step.weight is not None:
                     # Weight and bias from one GEMM with [h, 1]; the weight alone without.
-                    both = flat.T @ (augmented if step.bias else augmented[:, :d_in])
+                    h = augmented if step.bias else augmented[:, :d_in]
+                    both = torch.mm(
+                        flat.T, h, out=scratch(("both", i), (k * d_out, h.shape[1]), flat)
+                    )
                     gw = out[:, self.layout.slice(step.weight)].view(k, d_out, d_in)
                     gw.copy_(both[:, :d_in].view(k, d_out, d_in))
                     if second_order and dot is not None:
-                        own = dot.reshape(rows, k * d_in).T @ delta  # (K·d_in, d_out)
+                        own = torch.mm(
+                            dot.reshape(rows, k * d_in).T,
+                            delta,
+                            out=scratch(("own", i), (k * d_in, d_out), flat),
+                        )
                         gw += own.view(k, d_in, d_out).transpose(1, 2)
                     if step.bias is not None:
                         out[:, self.layout.slice(step.bias)] = both[:, d_in].view(k, d_out)
@@ -359,9 +370,17 @@ class ChainProducts:
                 if i == self.first:
                     break
                 vw = blocks[i]
-                nxt = d_dot.reshape(rows * k, d_out) @ weight  # (rows·K, d_in)
+                nxt = torch.mm(
+                    d_dot.reshape(rows * k, d_out),
+                    weight,
+                    out=scratch(("nxt", i), (rows * k, d_in), flat),
+                )  # (rows·K, d_in)
                 if second_order and vw is not None:
-                    spread = vw.permute(1, 0, 2).reshape(d_out, -1)  # (d_out, K·d_in)
+                    spread = scratch(("spread", i), (d_out, k * d_in), flat)
+                    if spread is None:
+                        spread = vw.permute(1, 0, 2).reshape(d_out, -1)  # (d_out, K·d_in)
+                    else:
+                        spread.view(d_out, k, d_in).copy_(vw.permute(1, 0, 2))
                     nxt.view(rows, -1).addmm_(delta, spread)
                 d_dot = nxt.view(rows, k, -1)
             else:
@@ -392,24 +411,32 @@ def _linear_tangent(
     vw: Tensor | None,
     vb: Tensor | None,
     k: int,
+    scratch: Scratch,
+    index: int,
 ) -> Tensor | None:
     """``(rows, K, d_out)``: ``ḣ Wᵀ + h V_Wᵀ + v_b``, one GEMM per term, summed in place.
 
-    ``h`` is the layer's input with a column of ones, ``[h, 1]``.
+    ``h`` is the layer's input with a column of ones, ``[h, 1]``; the temporaries come from
+    ``scratch``, keyed by the step's ``index``.
     """
     rows, d_out = h.shape[0], weight.shape[0]
     out: Tensor | None = None
+    result = scratch(("dot", index), (rows, k * d_out), h)
     if vw is not None and vb is not None:
-        both = torch.cat([vw, vb[:, :, None]], dim=2).view(k * d_out, -1)  # [V_W, v_b]
-        out = h @ both.T
+        both = torch.cat(
+            [vw, vb[:, :, None]], dim=2, out=scratch(("cat", index), (k, d_out, h.shape[1]), h)
+        ).view(k * d_out, -1)  # [V_W, v_b]
+        out = torch.mm(h, both.T, out=result)
     elif vw is not None:
-        out = h[:, :-1] @ vw.reshape(k * d_out, -1).T
+        out = torch.mm(h[:, :-1], vw.reshape(k * d_out, -1).T, out=result)
     elif vb is not None:
-        out = vb.reshape(1, -1).expand(rows, -1).clone()
+        out = vb.reshape(1, -1).expand(rows, -1)
+        out = out.clone() if result is None else result.copy_(out)
     if dot is not None:
         moved = dot.reshape(rows * k, -1)
         if out is None:
-            return (moved @ weight.T).view(rows, k, d_out)
+            out = torch.mm(moved, weight.T, out=None if result is None else result.view(-1, d_out))
+            return out.view(rows, k, d_out)
         out.view(rows * k, d_out).addmm_(moved, weight.T)
     return None if out is None else out.view(rows, k, d_out)
 

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from hesse._functional import criterion_loss, evaluate
 from hesse._layout import ParamLayout
+from hesse._scratch import Scratch
 from hesse._transforms import _out_of_memory
 
 __all__ = [
@@ -639,6 +640,7 @@ class FactoredGGN:
     def __init__(self, factors: GGNFactors, layout: ParamLayout) -> None:
         self.layout = layout
         self.sign = factors.sign.T.contiguous()[:, :, None]  # (B, C, 1)
+        self.scratch = Scratch(self.sign.device)
         self.layers = []
         for site, a, m in factors.layers:
             ones = a.new_ones(a.shape[0], 1)
@@ -664,25 +666,37 @@ class FactoredGGN:
         if tangents.device.type == "cpu":
             widest = max(m.shape[2] for _, _, m, _ in self.layers) * k
             step = max(1, _CPU_CHUNK_BYTES // (widest * tangents.element_size()))
+        chunks = -(-batch // step)
+        step = -(-batch // chunks)  # equal chunks: the same buffers for each
+        scratch = self.scratch
         for lo in range(0, batch, step):
             rows = slice(lo, lo + step)
             u: Tensor | None = None
-            for (_, a, m, _), w in zip(self.layers, weights):
-                y = (a[rows] @ w).view(-1, m.shape[2], k)  # (b, d_out, K): W_k a_n + b_k
-                part = torch.bmm(m[rows], y)  # (b, C, K)
-                u = part if u is None else u.add_(part)
+            for j, ((_, a, m, _), w) in enumerate(zip(self.layers, weights)):
+                a_rows, m_rows = a[rows], m[rows]
+                size = a_rows.shape[0]
+                y = torch.mm(a_rows, w, out=scratch(("y", j), (size, w.shape[1]), w))
+                y = y.view(size, m.shape[2], k)  # (b, d_out, K): W_k a_n + b_k
+                if u is None:
+                    u = torch.bmm(m_rows, y, out=scratch(("u",), (size, m.shape[1], k), w))
+                else:
+                    part = torch.bmm(m_rows, y, out=scratch(("part",), tuple(u.shape), w))
+                    u.add_(part)  # (b, C, K)
             assert u is not None
             u.mul_(self.sign[rows])
-            for (_, a, _, mt), total in zip(self.layers, sums):
-                p = torch.bmm(mt[rows], u)  # (b, d_out, K)
-                total.addmm_(a[rows].T, p.view(p.shape[0], -1))
+            for j, ((_, a, _, mt), total) in enumerate(zip(self.layers, sums)):
+                a_rows = a[rows]
+                shape = (a_rows.shape[0], mt.shape[1], k)
+                p = torch.bmm(mt[rows], u, out=scratch(("p", j), shape, u))  # (b, d_out, K)
+                total.addmm_(a_rows.T, p.view(p.shape[0], -1))
         out = tangents.new_empty(tangents.shape[::-1])  # (N, K); every entry is written
         for (site, *_), total in zip(self.layers, sums):
-            m = site.module
-            full = total.view(m.in_features + 1, m.out_features, k)
+            layer = site.module
+            d_in, d_out = layer.in_features, layer.out_features
+            full = total.view(d_in + 1, d_out, k)
             if site.weight is not None:
                 block = out[self.layout.slice(site.weight)]
-                block.view(m.out_features, m.in_features, k).copy_(full[:-1].transpose(0, 1))
+                block.view(d_out, d_in, k).copy_(full[:-1].transpose(0, 1))
             if site.bias is not None:
                 out[self.layout.slice(site.bias)] = full[-1]
         return out.T
