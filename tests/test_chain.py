@@ -26,8 +26,8 @@ from torch.func import functional_call
 
 import hesse
 import hesse._chain
-import hesse._scratch
 import hesse._operators
+import hesse._scratch
 import hesse._spectral
 from hesse._chain import ChainProducts, chain_products
 from hesse._layers import KnownLoss
