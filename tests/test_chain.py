@@ -819,7 +819,7 @@ def test_column_chunks_give_the_same_products(
         product(self, tangents, second_order, out)
 
     monkeypatch.setattr(hesse._chain, "_CHUNK_ENTRIES", entries)
-    monkeypatch.setattr(hesse._chain, "_CPU_CHUNK_BYTES", cpu_bytes)
+    monkeypatch.setattr(hesse._scratch, "CPU_CHUNK_BYTES", cpu_bytes)
     monkeypatch.setattr(ChainProducts, "_product", counted)
     assert_close(chain.hessian(rows), whole_h)
     assert_close(chain.ggn(rows), whole_g)
@@ -1027,7 +1027,7 @@ def test_reused_temporaries_never_leak_between_products(monkeypatch: pytest.Monk
     hessian, ggn = oracle_hessian(model, criterion, x, y), oracle_ggn(model, criterion, x, y)
     # (columns, most columns a chunk, bytes kept)
     for width, per_chunk, cap in [(5, 2, 1 << 26), (3, 2, 1 << 26), (5, 2, 1 << 26), (3, 3, 2000)]:
-        monkeypatch.setattr(hesse._chain, "_CPU_CHUNK_BYTES", per_chunk * 9 * 6 * 8)
+        monkeypatch.setattr(hesse._scratch, "CPU_CHUNK_BYTES", per_chunk * 9 * 6 * 8)
         monkeypatch.setattr(hesse._scratch, "_SCRATCH_BYTES", cap)
         rows = _randn(width, model_numel(model), seed=width)
         assert_close(chain.hessian(rows), rows @ hessian)

@@ -43,15 +43,13 @@ from torch.nn.utils import parametrize
 from hesse._functional import criterion_loss, evaluate
 from hesse._layers import GGNFactors, KnownLoss, Site, known_loss
 from hesse._layout import ParamLayout
-from hesse._scratch import Scratch
+from hesse._scratch import Scratch, chunk_size
 from hesse._transforms import _out_of_memory
 
 __all__ = ["Chain", "ChainProducts", "chain_of", "chain_products"]
 
 # Numbers in one layer's tangents per pass (64 MiB in float32): more columns go in chunks.
 _CHUNK_ENTRIES = 1 << 24
-# The CPU's chunks: the widest tangent of a chunk within 2 MiB (a core's L2 cache).
-_CPU_CHUNK_BYTES = 1 << 21
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -291,18 +289,11 @@ class ChainProducts:
 
     def _chunked(self, tangents: Tensor, second_order: bool) -> Tensor:
         # Each layer's tangents take rows x K x width numbers: columns go in equal chunks that
-        # keep the widest within _CHUNK_ENTRIES (as vmap's chunks would) and, on the CPU,
-        # within _CPU_CHUNK_BYTES, where a chunk's temporaries stay in a core's cache and the
-        # allocator reuses them from chunk to chunk instead of mapping fresh pages (the MLP
-        # 64-96-96-10, batch 512, K = 32: GGN 20 against 25 ms, Hessian 28 against 35 ms).
+        # keep the widest within _CHUNK_ENTRIES (as vmap's chunks would) and the CPU's cache.
         widths = [t.shape[-1] for t in self.passes.inputs] + [self.passes.outputs.shape[-1]]
-        per_column = max(self.passes.inputs[0].shape[0] * max(widths), 1)
-        budget = _CHUNK_ENTRIES
-        if tangents.device.type == "cpu":
-            budget = min(budget, _CPU_CHUNK_BYTES // tangents.element_size())
+        per_column = self.passes.inputs[0].shape[0] * max(widths)
         k = tangents.shape[0]
-        chunks = -(-k // max(1, budget // per_column))
-        step = -(-k // chunks)
+        step = chunk_size(k, per_column, tangents, most=_CHUNK_ENTRIES)
         # Every entry is written. Rows (K, N) of an (N, K) block: what the operators return.
         out = tangents.new_empty(tangents.shape[::-1]).T
         for i in range(0, k, step):

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from hesse._functional import criterion_loss, evaluate
 from hesse._layout import ParamLayout
-from hesse._scratch import Scratch
+from hesse._scratch import Scratch, chunk_size
 from hesse._transforms import _out_of_memory
 
 __all__ = [
@@ -67,8 +67,6 @@ _HALF = (torch.float16, torch.bfloat16)
 # Probes per batched backward pass, and the most probe entries (probes x B x d_out) at once.
 _PROBES = 256
 _PROBE_ENTRIES = 1 << 24
-# On the CPU, the factored GGN's per-chunk temporaries stay within 2 MiB (a core's L2 cache).
-_CPU_CHUNK_BYTES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -662,12 +660,8 @@ class FactoredGGN:
         weights = [self._augmented(site, cols, k) for site, *_ in self.layers]
         sums = [w.new_zeros(w.shape) for w in weights]  # (d_in + 1, d_out * K)
         batch = self.layers[0][1].shape[0]
-        step = batch
-        if tangents.device.type == "cpu":
-            widest = max(m.shape[2] for _, _, m, _ in self.layers) * k
-            step = max(1, _CPU_CHUNK_BYTES // (widest * tangents.element_size()))
-        chunks = -(-batch // step)
-        step = -(-batch // chunks)  # equal chunks: the same buffers for each
+        widest = max(m.shape[2] for _, _, m, _ in self.layers) * k  # (d_out, K) per sample
+        step = chunk_size(batch, widest, tangents)
         scratch = self.scratch
         for lo in range(0, batch, step):
             rows = slice(lo, lo + step)

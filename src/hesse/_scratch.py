@@ -8,10 +8,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Scratch"]
+__all__ = ["CPU_CHUNK_BYTES", "Scratch", "chunk_size"]
 
 # The most one `Scratch` keeps.
 _SCRATCH_BYTES = 1 << 26
+# On the CPU, chunks whose widest temporary fits in 2 MiB (a core's L2 cache): it stays in
+# cache, and a `Scratch` hands the same buffers to every chunk (the MLP 64-96-96-10, batch
+# 512, K = 32: GGN 20 against 25 ms, Hessian 28 against 35 ms).
+CPU_CHUNK_BYTES = 1 << 21
+
+
+def chunk_size(total: int, per_item: int, like: Tensor, most: int | None = None) -> int:
+    """Items per chunk: ``total`` items in equal chunks (the same buffers serve each).
+
+    ``per_item`` numbers of the widest temporary belong to each item; a chunk holds at most
+    ``most`` of them (no limit for None) and, on the CPU, `CPU_CHUNK_BYTES`.
+    """
+    budget = total * per_item if most is None else most
+    if like.device.type == "cpu":
+        budget = min(budget, CPU_CHUNK_BYTES // like.element_size())
+    chunks = max(1, -(-total // max(1, budget // max(per_item, 1))))
+    return max(1, -(-total // chunks))
 
 
 class Scratch:
