@@ -759,9 +759,9 @@ def _output_factor(
     width = f[0].numel()
     if width > _PROBES:
         return None  # C backward passes would cost more than the general path
-    closed = _closed_factor(criterion, f, target, batch)
-    if closed is not None:
-        return closed
+    known = known_loss(criterion, f, target)  # cross-entropy, MSE: in closed form
+    if known is not None:
+        return known.factor()
     leaf = f.detach().requires_grad_()
     with torch.enable_grad():
         value = criterion_loss(criterion, leaf, target)
@@ -861,14 +861,6 @@ def known_loss(criterion: Callable[..., Tensor], f: Tensor, target: Any) -> Know
     if not _close(g, expected_gradient, slack=1e4):
         return None
     return KnownLoss(w, p, expected_gradient)
-
-
-def _closed_factor(
-    criterion: Callable[..., Tensor], f: Tensor, target: Any, batch: int
-) -> Factor | None:
-    """The factor of a `known_loss`'s outputs' Hessian, or None."""
-    known = known_loss(criterion, f, target)
-    return None if known is None else known.factor()
 
 
 def check_sampled(criterion: Any) -> None:
