@@ -539,6 +539,47 @@ def test_factored_ggn_products_equal_the_oracle(criterion: str) -> None:
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factored_ggn_over_sample_chunks_with_signed_factors(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An output loss whose Hessian is indefinite (signs -1 and +1 in its factor), a layer
+    # without a bias, and chunks of samples small enough that the batch takes several; in
+    # float32 too, whose products take the other operand order (`_outer_sum`).
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)
+    ).to(F64)
+    x, y = _randn(10, 6), _randn(10, 3, seed=1)
+
+    def wavy(out: Tensor, t: Tensor) -> Tensor:
+        return (torch.cos(out) * t).sum()
+
+    seen: list[Any] = []
+    factored = hesse._layers.FactoredGGN
+    matmat = factored.matmat
+
+    def spied(self: Any, tangents: Tensor) -> Tensor:
+        seen.append(self.sign)
+        return matmat(self, tangents)
+
+    # Room for 3 samples' (Σ d_out = 12, K = 5) temporaries: 4 chunks of the 10 samples.
+    monkeypatch.setattr(hesse._layers, "_FACTORED_CHUNK_BYTES", 3 * 12 * 5 * dtype.itemsize)
+    monkeypatch.setattr(factored, "matmat", spied)
+    dense = oracle_ggn(model, wavy, x, y)
+    assert float(torch.linalg.eigvalsh(dense)[0]) < 0  # indefinite, as the loss
+    low = copy.deepcopy(model).to(dtype)
+    op = hesse.GGNOperator(low, wavy, (x.to(dtype), y.to(dtype)), reduction="sum")
+    op._factored_wins = True
+    v = torch.randn(op.shape[0], 5, generator=_gen(2), dtype=F64)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-4
+    with state_preserved(low), op.session():
+        for _ in range(2):  # the first block builds the factors, the second reuses them
+            assert_close((op @ v.to(dtype)).double(), dense @ v, rtol)
+    assert not op._factored_off
+    assert seen and seen[-1] is not None and bool((seen[-1] < 0).any())
+
+
 def test_factored_ggn_steps_aside_where_a_parameter_is_off_the_route() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 10), nn.LayerNorm(10), nn.Tanh(), nn.Linear(10, 3)).to(F64)

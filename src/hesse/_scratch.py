@@ -18,15 +18,23 @@ _SCRATCH_BYTES = 1 << 26
 CPU_CHUNK_BYTES = 1 << 21
 
 
-def chunk_size(total: int, per_item: int, like: Tensor, most: int | None = None) -> int:
+def chunk_size(
+    total: int,
+    per_item: int,
+    like: Tensor,
+    most: int | None = None,
+    cpu_bytes: int | None = None,
+) -> int:
     """Items per chunk: ``total`` items in equal chunks (the same buffers serve each).
 
     ``per_item`` numbers of the widest temporary belong to each item; a chunk holds at most
-    ``most`` of them (no limit for None) and, on the CPU, `CPU_CHUNK_BYTES`.
+    ``most`` of them (no limit for None) and, on the CPU, ``cpu_bytes`` (default
+    `CPU_CHUNK_BYTES`).
     """
     budget = total * per_item if most is None else most
     if like.device.type == "cpu":
-        budget = min(budget, CPU_CHUNK_BYTES // like.element_size())
+        cap = CPU_CHUNK_BYTES if cpu_bytes is None else cpu_bytes
+        budget = min(budget, cap // like.element_size())
     chunks = max(1, -(-total // max(1, budget // max(per_item, 1))))
     return max(1, -(-total // chunks))
 
