@@ -628,10 +628,11 @@ def ggn_diagonal_blocks(
 
 
 # On the CPU, the factored products' chunks of samples keep their two widest temporaries,
-# ``(b, Σ d_out, K)``, within 4 MiB each (the MLP 64-96-96-10, batch 512, paired medians of 60
-# against 16 MiB: float64 K = 16 1.07 against 1.04, K = 32 1.11 against 1.14, float32 K = 32
-# 1.09 against 1.01 times the speed of the per-layer products before).
-_FACTORED_CHUNK_BYTES = 1 << 22
+# ``(b, Σ d_out, K)``, within 32 MiB each: few chunks of many rows keep the layers' matrix
+# products efficient (the influence benchmark's MLP 64-256-256-64-10, batch 250, K = 20 in
+# float64: 45 ms in one chunk against 51 ms in two and 66 ms in six), and chunks make no
+# difference beyond the rounds' spread where the rows are many anyway (MLP 64-96-96-10, batch 512).
+_FACTORED_CHUNK_BYTES = 1 << 25
 
 
 class FactoredGGN:
@@ -661,9 +662,9 @@ class FactoredGGN:
         self.bounds = list(
             itertools.accumulate((m.shape[-1] for _, _, m in factors.layers), initial=0)
         )
-        m = torch.cat([m[:, :, 0] for _, _, m in factors.layers], dim=2)  # (C, B, Σ d_out)
-        self.factor = m.permute(1, 0, 2).contiguous()  # (B, C, Σ d_out)
-        self.factor_t = m.permute(1, 2, 0).contiguous()  # (B, Σ d_out, C)
+        # One copy each: the chain's factors are by sample already, (B, C, d_out) transposed.
+        self.factor = torch.cat([m[:, :, 0].transpose(0, 1) for _, _, m in factors.layers], 2)
+        self.factor_t = self.factor.transpose(1, 2).contiguous()  # (B, Σ d_out, C)
 
     def matmat(self, tangents: Tensor) -> Tensor:
         """``(K, N) -> (K, N)``: each row multiplied by the batch's GGN.
@@ -671,7 +672,7 @@ class FactoredGGN:
         Computed on the columns ``(N, K)``, the layout of the factors' products (``K``
         innermost): no transposes in or out, the result the rows' view of an ``(N, K)`` block.
         On the CPU the samples go in equal chunks whose ``(b, Σ d_out, K)`` temporaries stay
-        within 4 MiB and are reused (`hesse._scratch.Scratch`).
+        within 32 MiB and are reused (`hesse._scratch.Scratch`).
         """
         k = tangents.shape[0]
         cols = tangents.T  # (N, K)
