@@ -977,12 +977,15 @@ class GGNOperator(CurvatureOperator):
                 (jt_u,) = torch.autograd.grad(z, theta, u, create_graph=True)
         return theta, z, zd, gz, u, jt_u
 
-    def _factored(self, batch: Batch, columns: int) -> FactoredGGN | None:
+    def _factored(
+        self, batch: Batch, columns: int, chain: ChainProducts | None
+    ) -> FactoredGGN | None:
         """The batch's GGN from its factors (`hesse._layers.FactoredGGN`), where it pays.
 
         Every parameter must sit in a verified linear layer. Checked on every batch it is built
         for (kept for a session over one batch); once a batch fails, this operator keeps to
-        autograd.
+        autograd. ``chain``: the batch's `_chain`, which an MLP's factors come from (passed
+        in: over several batches nothing is kept, and a second chain would cost its passes).
         """
         if self._factored_off:
             return None
@@ -995,7 +998,6 @@ class GGNOperator(CurvatureOperator):
         def build() -> FactoredGGN | None:
             # An MLP with cross-entropy or MSE: from the chain's kept passes, without C
             # backward passes of the model (MLP 64-96-96-10, batch 512: 2 against 28 ms).
-            chain = self._chain(batch)
             factors = None if chain is None else chain.ggn_factors()
             if factors is not None:
                 layers = [site.module for site, _, _ in factors.layers]
@@ -1121,11 +1123,11 @@ class GGNOperator(CurvatureOperator):
         factored = None
         cheap = chain is not None and chain.has_factors
         if self.data.num_batches != 1:
-            factored = self._factored(batch, tangents.shape[0])
+            factored = self._factored(batch, tangents.shape[0], chain)
         else:
             self._state.blocks += 1
             if self._state.blocks >= 2 or cheap:
-                factored = self._factored(batch, tangents.shape[0])
+                factored = self._factored(batch, tangents.shape[0], chain)
         if factored is None or self._factored_wins is False:
             return autograd(tangents)
         if self._factored_wins is None and cheap:
@@ -1149,7 +1151,7 @@ class GGNOperator(CurvatureOperator):
                 with suppress(RuntimeError, NotImplementedError):
                     linearised()  # torch.func may fail here: the policy below falls back
             start = time.perf_counter()
-            factored = self._factored(batch, tangents.shape[0]) or factored
+            factored = self._factored(batch, tangents.shape[0], chain) or factored
             out = factored.matmat(tangents)
             middle = time.perf_counter()
             other = autograd(tangents)
