@@ -4,6 +4,7 @@ influence scores against a dense-inverse reference.
 
     python benchmarks/bench_solve.py          # full run, rewrites its docs/benchmarks.md table
     python benchmarks/bench_solve.py --quick  # small sizes, prints only
+    python benchmarks/bench_solve.py --only k16 --device cuda  # K = 16 against one, GPU, prints
 
 Solve problem: the cross-entropy MLP 64-96-96-10 (Tanh) of the spectral benchmark, one batch of
 512, float64, N = 16,522; the damped GGN G + λI with λ = 1e-2, a random right-hand side, solved
@@ -41,6 +42,8 @@ from bench_dense import mlp
 
 import hesse
 
+# `--device cuda` times one table on a GPU (children read it from the environment).
+DEVICE = torch.device(os.environ.get("HESSE_BENCH_DEVICE", "cpu"))
 DAMPING = 1e-2
 TOL = 1e-6
 K = 16
@@ -56,16 +59,29 @@ QUICK_INFLUENCE = ([8, 16, 4], 60, 5, 20)
 
 def problem(widths: list[int], batch: int) -> tuple[nn.Module, nn.Module, tuple[Tensor, Tensor]]:
     torch.manual_seed(0)
-    model = mlp(widths).double()
-    x = torch.randn(batch, widths[0], dtype=torch.float64)
-    y = torch.randint(0, widths[-1], (batch,))
+    model = mlp(widths).double().to(DEVICE)
+    x = torch.randn(batch, widths[0], dtype=torch.float64).to(DEVICE)
+    y = torch.randint(0, widths[-1], (batch,)).to(DEVICE)
     return model, nn.CrossEntropyLoss(), (x, y)
 
 
 def rhs(n: int, k: int | None = None) -> Tensor:
     g = torch.Generator().manual_seed(1)
     shape = (n,) if k is None else (n, k)
-    return torch.randn(*shape, generator=g, dtype=torch.float64)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+
+def synced(run: Callable[[], Any]) -> Callable[[], Any]:
+    """On a GPU, a timed call ends when its kernels have finished."""
+    if DEVICE.type != "cuda":
+        return run
+
+    def call() -> Any:
+        out = run()
+        torch.cuda.synchronize()
+        return out
+
+    return call
 
 
 def relative_residual(op: Any, b: Tensor, x: Tensor) -> float:
@@ -81,7 +97,7 @@ def hesse_cg(size: tuple[list[int], int], k: int | None = None) -> Callable[[], 
     model, crit, data = problem(*size)
     op = hesse.GGNOperator(model, crit, data)
     b = rhs(op.shape[0], k)
-    return lambda: hesse.solve(op, b, damping=DAMPING, tol=TOL)
+    return synced(lambda: hesse.solve(op, b, damping=DAMPING, tol=TOL))
 
 
 def textbook_cg(size: tuple[list[int], int]) -> Callable[[], Any]:
@@ -386,8 +402,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, print only")
+    parser.add_argument("--only", choices=["k16"], help="one table, print only")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda with --only (print only)")
     args = parser.parse_args()
+    os.environ["HESSE_BENCH_DEVICE"] = args.device
+    if args.device != "cpu" and not args.only:
+        parser.error("--device other than cpu needs --only (the docs tables are CPU runs)")
     results: dict[str, dict[str, Any]] = {}
+    if args.only:
+        results = measure_times(__file__, GROUPS[args.only], args.rounds)
+        k16 = ratio(results, "k16/hesse_k16", "k16/hesse_k1")
+        print(
+            f"\nK = {K} together: {seconds(results, 'k16/hesse_k16')}, one right-hand side: "
+            f"{seconds(results, 'k16/hesse_k1')}; ratio {k16} ({args.device})"
+        )
+        return
     if args.quick:
         quick = measure_times(__file__, GROUPS["quick"], args.rounds)
         renamed = {
