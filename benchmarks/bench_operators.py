@@ -347,7 +347,7 @@ def report(results: dict[str, dict[str, Any]], rounds: int) -> str:
         "algorithms (`eigsh`, `trace`, `spectral_density`: a session, where nothing can change",
         "between products), so a repeated product there costs one backward pass. A product on",
         "its own always starts from the model as it is, like the peers' products, which",
-        "recompute the forward pass and the gradient each time. Over several batches nothing",
+        "recompute the forward pass and the gradient each time. Over several batches no graph",
         "is kept, and all three do the same work.",
         "",
         "### `to_dense()` against the exact dense path, MLP 64-64-48-10, batch 256, N = 7,770",

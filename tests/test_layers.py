@@ -580,6 +580,67 @@ def test_factored_ggn_over_sample_chunks_with_signed_factors(
     assert seen and seen[-1] is not None and bool((seen[-1] < 0).any())
 
 
+class _Fresh:
+    """Batches as new tensors on every pass (as a DataLoader's collation makes them)."""
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Any:
+        return iter([(x.clone(), y.clone()) for x, y in self.batches])
+
+
+def test_factored_ggn_over_several_batches_is_kept_for_the_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3)).to(F64)
+    x, y = _randn(9, 12), torch.randint(0, 3, (9,), generator=_gen(1))
+    crit = nn.CrossEntropyLoss()
+    dense = oracle_ggn(model, crit, x, y)
+    v = torch.randn(dense.shape[0], 5, generator=_gen(2), dtype=F64)
+    built: list[int] = []
+    chain_products = hesse._operators.chain_products
+
+    def counted(*args: Any) -> Any:
+        built.append(1)
+        return chain_products(*args)
+
+    monkeypatch.setattr(hesse._operators, "chain_products", counted)
+    # Tensors of their own: a view's in-place change bumps the version its siblings share.
+    batches = [(x[:4].clone(), y[:4]), (x[4:7].clone(), y[4:7]), (x[7:].clone(), y[7:])]
+    op = hesse.GGNOperator(model, crit, batches)
+    with state_preserved(model), op.session():
+        assert_close(op @ v, dense @ v)  # builds each batch's chain and factors once
+        first = len(built)
+        assert_close(op @ v, dense @ v)
+        assert_close(op @ v, dense @ v)
+        assert len(built) == first == 3  # the next products reuse the kept factors
+        assert len(op._state.factored) == 3
+        # A batch changed in place is another batch: its factors are built anew.
+        batches[1][0].mul_(2)
+        dense = oracle_ggn(model, crit, torch.cat([b[0] for b in batches]), y)
+        assert_close(op @ v, dense @ v)
+        assert len(built) == 4 and len(op._state.factored) == 3
+    assert op._active is None  # the session and what it kept are gone
+
+    # New tensors on every pass: built on every product, never more kept than batches.
+    fresh = hesse.GGNOperator(model, crit, _Fresh(batches))
+    with state_preserved(model), fresh.session():
+        for _ in range(3):
+            assert_close(fresh @ v, dense @ v)
+            assert len(fresh._state.factored) <= 3
+
+    # Beyond the budget nothing is kept, and the products are the same.
+    monkeypatch.setattr(hesse._operators, "_KEPT_FACTORED_BYTES", 1)
+    tight = hesse.GGNOperator(model, crit, batches)
+    built.clear()
+    with state_preserved(model), tight.session():
+        assert_close(tight @ v, dense @ v)
+        assert_close(tight @ v, dense @ v)
+        assert not tight._state.factored and len(built) == 6
+
+
 def test_factored_ggn_steps_aside_where_a_parameter_is_off_the_route() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 10), nn.LayerNorm(10), nn.Tanh(), nn.Linear(10, 3)).to(F64)

@@ -648,12 +648,15 @@ class FactoredGGN:
     (three layers: 2 batched products per chunk against 6, and no sums of their results).
     """
 
-    def __init__(self, factors: GGNFactors, layout: ParamLayout) -> None:
+    def __init__(
+        self, factors: GGNFactors, layout: ParamLayout, scratch: Scratch | None = None
+    ) -> None:
         self.layout = layout
         sign = factors.sign.T.contiguous()[:, :, None]  # (B, C, 1)
         # Cross-entropy's and MSE's factors have no negative or zero signs: nothing to apply.
         self.sign = None if bool((sign == 1).all()) else sign
-        self.scratch = Scratch(sign.device)
+        # Temporaries: its own, or shared with the other batches' products of a session.
+        self.scratch = Scratch(sign.device) if scratch is None else scratch
         self.sites = [site for site, _, _ in factors.layers]
         # (B, d_in + 1): each layer's inputs with a column of ones for its bias.
         self.inputs = [
@@ -665,6 +668,14 @@ class FactoredGGN:
         # One copy each: the chain's factors are by sample already, (B, C, d_out) transposed.
         self.factor = torch.cat([m[:, :, 0].transpose(0, 1) for _, _, m in factors.layers], 2)
         self.factor_t = self.factor.transpose(1, 2).contiguous()  # (B, Σ d_out, C)
+
+    @property
+    def nbytes(self) -> int:
+        """What it holds: the factors twice over and the layers' inputs."""
+        held = [self.factor, self.factor_t, *self.inputs]
+        if self.sign is not None:
+            held.append(self.sign)
+        return sum(t.numel() * t.element_size() for t in held)
 
     def matmat(self, tangents: Tensor) -> Tensor:
         """``(K, N) -> (K, N)``: each row multiplied by the batch's GGN.
@@ -753,14 +764,16 @@ def _buffer(scratch: Scratch, key: tuple[Any, ...], shape: tuple[int, ...], like
     return like.new_empty(shape) if found is None else found
 
 
-def factored_ggn(factors: GGNFactors | None, layout: ParamLayout) -> FactoredGGN | None:
+def factored_ggn(
+    factors: GGNFactors | None, layout: ParamLayout, scratch: Scratch | None = None
+) -> FactoredGGN | None:
     """`FactoredGGN` when every selected parameter is covered and every layer has T = 1."""
     if factors is None:
         return None
     covered = {n for site, _, _ in factors.layers for n in site.names}
     if covered != set(layout.names) or any(a.shape[1] != 1 for _, a, _ in factors.layers):
         return None
-    return FactoredGGN(factors, layout)
+    return FactoredGGN(factors, layout, scratch)
 
 
 def _positions_ggn(site: Site, a: Tensor, m: Tensor, sign: Tensor) -> dict[str, Tensor]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import torch
@@ -45,6 +45,7 @@ from hesse._layers import (
 from hesse._layout import ParamLayout, Params
 from hesse._memory import TARGET_COLUMNS, plan_chunk
 from hesse._protocol import LayoutOperator
+from hesse._scratch import Scratch
 from hesse._state import check_training, model_scope
 from hesse._transforms import Fallbacks, Strategy, _out_of_memory
 from hesse._validate import (
@@ -90,6 +91,17 @@ def _reduction(criterion: Any, reduction: str | None) -> str:
     return reduction
 
 
+# The most a session keeps of the batches' factored GGNs over several batches (the influence
+# benchmark's MLP 64-256-256-64-10 holds 23 MB per batch of 250 samples): rebuilding them
+# cost about a third of each block product there.
+_KEPT_FACTORED_BYTES = 1 << 29
+
+
+def _batch_key(batch: Batch) -> tuple[Any, ...]:
+    """What identifies a batch's tensors as they are now: their identities and versions."""
+    return tuple((id(t), t._version) for t in batch.tensors())
+
+
 @dataclass
 class _Session:
     """What one call of an algorithm may reuse between its products (see `Operator.session`).
@@ -103,6 +115,11 @@ class _Session:
     bar: Any = None  # the call's progress bar (tqdm), with progress=True
     singles: int = 0  # single products of one batch so far (the choice of path)
     blocks: int = 0  # block products of one batch so far (the GGN's choice of path)
+    # Over several batches: each batch's factored GGN by batch key (`GGNOperator._factored`),
+    # with the batch tensors that key names, their bytes, and the temporaries they share.
+    factored: dict[tuple[Any, ...], tuple[tuple[Tensor, ...], Any]] = field(default_factory=dict)
+    factored_bytes: int = 0
+    scratch: Scratch | None = None
 
 
 class CurvatureOperator(LayoutOperator):
@@ -113,7 +130,8 @@ class CurvatureOperator(LayoutOperator):
     that pass. Only inside one call of hesse's algorithms (``eigsh``, ``trace``,
     ``spectral_density``, ...), where nothing can change between products, is work reused: over
     a one-batch dataset the gradient graph is kept, so a repeated product costs one backward
-    pass.
+    pass; over several batches a GGN of an MLP keeps each batch's layer factors for its block
+    products, while the batch's tensors are the same and unchanged.
 
     Args:
         model: The module; evaluated in eval mode (train mode with ``training=True``), its
@@ -257,7 +275,8 @@ class CurvatureOperator(LayoutOperator):
 
         Inside, the parameters are looked up once, the model stays in the operator's mode
         under ``torch.no_grad()``, and a one-batch ``HessianOperator`` keeps its gradient
-        graph, so each further single product costs one backward pass; with
+        graph, so each further single product costs one backward pass (a ``GGNOperator`` of an
+        MLP keeps each batch's layer factors for block products over several batches); with
         ``progress=True`` one bar counts the batches of every product in the block. hesse's
         algorithms open one per call. Every product outside a session opens its own, so it
         sees the model exactly as it is then. Sessions nest: an inner one joins the outer.
@@ -334,7 +353,7 @@ class CurvatureOperator(LayoutOperator):
         """
         session = self._state
         tensors = batch.tensors()
-        key = tuple((id(t), t._version) for t in tensors)
+        key = _batch_key(batch)
         keep = self.data.num_batches == 1
         if keep and session.graph is not None and session.graph[0] == key:
             if kind in session.graph[2]:
@@ -983,9 +1002,9 @@ class GGNOperator(CurvatureOperator):
         """The batch's GGN from its factors (`hesse._layers.FactoredGGN`), where it pays.
 
         Every parameter must sit in a verified linear layer. Checked on every batch it is built
-        for (kept for a session over one batch); once a batch fails, this operator keeps to
-        autograd. ``chain``: the batch's `_chain`, which an MLP's factors come from (passed
-        in: over several batches nothing is kept, and a second chain would cost its passes).
+        for (kept for a session: over one batch like a gradient graph, over several batches
+        each batch's within `_KEPT_FACTORED_BYTES`); once a batch fails, this operator keeps to
+        autograd. ``chain``: the batch's `_chain`, which an MLP's factors come from.
         """
         if self._factored_off:
             return None
@@ -1002,7 +1021,7 @@ class GGNOperator(CurvatureOperator):
             if factors is not None:
                 layers = [site.module for site, _, _ in factors.layers]
                 pays = _pays(layers, factors.sign.shape[0], batch.size)
-                return factored_ggn(factors, self.layout) if pays else None
+                return factored_ggn(factors, self.layout, scratch) if pays else None
             if not _factors_pay(self.model, self.layout, batch):
                 return None
             factors = ggn_factors(
@@ -1013,12 +1032,48 @@ class GGNOperator(CurvatureOperator):
                 batch.size,
                 exact_factor(self.criterion, batch.target, batch.size),
             )
-            return factored_ggn(factors, self.layout)
+            return factored_ggn(factors, self.layout, scratch)
 
-        factored, _ = self._kept(batch, build, kind="factored")
+        session = self._state
+        if self.data.num_batches == 1:
+            scratch = None  # its own, kept with it
+            factored, _ = self._kept(batch, build, kind="factored")
+        else:
+            if session.scratch is None:
+                session.scratch = Scratch(self.device)
+            scratch = session.scratch  # one set of temporaries for every batch's products
+            factored = self._kept_factored(batch)
+            if factored is None:
+                factored = build()
+                if factored is not None:
+                    self._keep_factored(batch, factored)
         if factored is None:
             self._factored_off = True
         return factored
+
+    def _kept_factored(self, batch: Batch) -> FactoredGGN | None:
+        """Over several batches, the session's factored GGN of ``batch`` if it keeps one."""
+        if self._factored_off:
+            return None
+        found = self._state.factored.get(_batch_key(batch))
+        return None if found is None else cast(FactoredGGN, found[1])
+
+    def _keep_factored(self, batch: Batch, factored: FactoredGGN) -> None:
+        """Keep ``factored`` for the rest of the session, the oldest making room.
+
+        At most one per batch of the data (a loader that yields new tensors on every pass
+        keeps replacing them) and `_KEPT_FACTORED_BYTES` in all.
+        """
+        session = self._state
+        while session.factored and (
+            len(session.factored) >= self.data.num_batches
+            or session.factored_bytes + factored.nbytes > _KEPT_FACTORED_BYTES
+        ):
+            _, old = session.factored.pop(next(iter(session.factored)))
+            session.factored_bytes -= old.nbytes
+        if factored.nbytes <= _KEPT_FACTORED_BYTES:
+            session.factored[_batch_key(batch)] = (batch.tensors(), factored)
+            session.factored_bytes += factored.nbytes
 
     def _batch_product(self, batch: Batch, v: Tensor) -> Tensor:
         # Forward mode where no graph is kept (several batches) and for the first product of a
@@ -1089,6 +1144,11 @@ class GGNOperator(CurvatureOperator):
         return torch.stack(rows)
 
     def _batch_matmat(self, batch: Batch, tangents: Tensor) -> Tensor:
+        if self._factored_wins and self.data.num_batches != 1:
+            kept = self._kept_factored(batch)
+            if kept is not None:  # this session built it already: no chain, no factors
+                return kept.matmat(tangents)
+
         def linearised() -> Any:
             # Kept within a session over one batch: a repeated block (a block solver's
             # iterations) runs no forward pass.
@@ -1116,8 +1176,9 @@ class GGNOperator(CurvatureOperator):
 
         # The factors' setup (C backward passes) pays off over repeated blocks: over one batch,
         # from a session's second block on (a block solver; they are then kept), not for a
-        # lone product. Over several batches nothing is kept: the timing below counts each
-        # path's setup. (`blocks` counts calls here, chunks of at most 128 columns.)
+        # lone product. Over several batches each batch's factors are kept for the session
+        # (`_keep_factored`) and nothing else: the timing below counts each path's setup.
+        # (`blocks` counts calls here, chunks of at most 128 columns.)
         # From a chain with a closed-form loss the factors cost about one backward pass: they
         # are built from the first block on.
         factored = None
