@@ -25,8 +25,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 THREADS = 2
+# A script's `--device cuda` times its tables on a GPU; children read it from the environment.
+DEVICE = torch.device(os.environ.get("HESSE_BENCH_DEVICE", "cpu"))
 
 Specs = dict[str, Callable[[], Callable[[], Any]]]
+
+
+def synced(run: Callable[[], Any]) -> Callable[[], Any]:
+    """On a GPU, a timed call ends when its kernels have finished."""
+    if DEVICE.type != "cuda":
+        return run
+
+    def call() -> Any:
+        out = run()
+        torch.cuda.synchronize()
+        return out
+
+    return call
 
 
 def peak_rss() -> int:

@@ -15,7 +15,6 @@ eigendecompositions cached (curvlinops: ``KFACInverseLinearOperator(use_exact_da
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,14 +24,22 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import THREADS, child_main, measure_times, ratio, seconds, write_docs
+from _harness import (
+    DEVICE,
+    THREADS,
+    child_main,
+    measure_times,
+    ratio,
+    seconds,
+    synced,
+    write_docs,
+)
 from bench_dense import mlp
 
 from hesse._kfac import KFACOperator
 
 K = 32
 DAMPING = 1e-3
-DEVICE = torch.device(os.environ.get("HESSE_BENCH_DEVICE", "cpu"))
 MLP = ([64, 96, 96, 10], 256, 4)  # widths, batch, batches
 QUICK_MLP = ([64, 96, 96, 10], 64, 2)
 CNN = (64, 4)  # batch, batches
@@ -71,18 +78,6 @@ def problem(kind: str, quick: bool) -> tuple[nn.Module, nn.Module, list[tuple[Te
 def _vectors(model: nn.Module) -> Tensor:
     n = sum(p.numel() for p in model.parameters())
     return torch.randn(n, K, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-
-
-def synced(run: Callable[[], Any]) -> Callable[[], Any]:
-    if DEVICE.type != "cuda":
-        return run
-
-    def call() -> Any:
-        out = run()
-        torch.cuda.synchronize()
-        return out
-
-    return call
 
 
 def _curvlinops(model: nn.Module, crit: nn.Module, data: list[Any]) -> Any:

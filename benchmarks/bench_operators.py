@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (
+    DEVICE,
     THREADS,
     child_main,
     measure_memory,
@@ -32,6 +33,7 @@ from _harness import (
     mib,
     ratio,
     seconds,
+    synced,
     write_docs,
 )
 from bench_dense import mlp
@@ -39,8 +41,6 @@ from bench_dense import mlp
 import hesse
 
 K = 32
-# `--device cuda` times the K = 32 tables on a GPU (children read it from the environment).
-DEVICE = torch.device(os.environ.get("HESSE_BENCH_DEVICE", "cpu"))
 
 
 def problem(
@@ -60,19 +60,6 @@ def problem(
 def _vectors(model: nn.Module, k: int) -> Tensor:
     n = sum(p.numel() for p in model.parameters())
     return torch.randn(n, k, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-
-
-def synced(run: Callable[[], Any]) -> Callable[[], Any]:
-    """On a GPU, a timed call ends when its kernels have finished."""
-    if DEVICE.type != "cuda":
-        return run
-
-    def call() -> Any:
-        out = run()
-        torch.cuda.synchronize()
-        return out
-
-    return call
 
 
 def hesse_matmat(

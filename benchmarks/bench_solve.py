@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (
+    DEVICE,
     THREADS,
     child_main,
     measure_memory,
@@ -36,14 +37,13 @@ from _harness import (
     mib,
     ratio,
     seconds,
+    synced,
     write_docs,
 )
 from bench_dense import mlp
 
 import hesse
 
-# `--device cuda` times one table on a GPU (children read it from the environment).
-DEVICE = torch.device(os.environ.get("HESSE_BENCH_DEVICE", "cpu"))
 DAMPING = 1e-2
 TOL = 1e-6
 K = 16
@@ -69,19 +69,6 @@ def rhs(n: int, k: int | None = None) -> Tensor:
     g = torch.Generator().manual_seed(1)
     shape = (n,) if k is None else (n, k)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE)
-
-
-def synced(run: Callable[[], Any]) -> Callable[[], Any]:
-    """On a GPU, a timed call ends when its kernels have finished."""
-    if DEVICE.type != "cuda":
-        return run
-
-    def call() -> Any:
-        out = run()
-        torch.cuda.synchronize()
-        return out
-
-    return call
 
 
 def relative_residual(op: Any, b: Tensor, x: Tensor) -> float:
