@@ -40,13 +40,16 @@ def chunk_size(
 
 
 class Scratch:
-    """Buffers by role and shape, reused from chunk to chunk and product to product on the CPU.
+    """Buffers by role, reused from chunk to chunk and product to product on the CPU.
 
     glibc hands freed blocks of a few MiB back to the system, so each fresh temporary pays page
     faults on first touch: about a third of a K = 32 Hessian product of the benchmarks' MLP
     (54 against 36 ms with buffers reused; 42 ms with the allocator told to keep its memory).
-    Kept as long as its owner (the products of one call, or of a session); at most 64 MiB.
-    On other devices (a GPU's caching allocator reuses memory itself) it hands out nothing.
+    One flat buffer per role and dtype, grown to the largest shape asked for: a smaller shape
+    (a narrower block, a shorter last chunk) is a view of it. Kept as long as its owner (the
+    products of one call, or of a session); at most 64 MiB, beyond which a role gets a new
+    tensor each time while the others stay reused. On other devices (a GPU's caching allocator
+    reuses memory itself) it hands out nothing.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -55,21 +58,20 @@ class Scratch:
         self.bytes = 0
 
     def __call__(self, key: tuple[Any, ...], shape: tuple[int, ...], like: Tensor) -> Tensor | None:
-        """The buffer of ``key`` and ``shape`` (contents undefined), or None: allocate anew.
+        """A buffer of ``shape`` for the role ``key`` (contents undefined), or None: allocate anew.
 
         The caller must be done with the buffer of a key before asking for it again.
         """
         if not self.enabled:
             return None
-        full = (*key, shape, like.dtype)
+        full = (*key, like.dtype)
+        numel = math.prod(shape)
         buffer = self.buffers.get(full)
-        if buffer is None:
-            size = math.prod(shape) * like.element_size()
-            if size > _SCRATCH_BYTES:
-                return None
-            if self.bytes + size > _SCRATCH_BYTES:  # widths that changed (retired columns)
-                self.buffers.clear()
-                self.bytes = 0
-            buffer = self.buffers[full] = like.new_empty(shape)
-            self.bytes += size
-        return buffer
+        if buffer is None or buffer.numel() < numel:
+            held = 0 if buffer is None else buffer.numel() * buffer.element_size()
+            size = numel * like.element_size()
+            if self.bytes - held + size > _SCRATCH_BYTES:
+                return None  # over the cap: this role allocates anew, the others stay kept
+            buffer = self.buffers[full] = like.new_empty(numel)
+            self.bytes += size - held
+        return buffer[:numel].view(shape)
