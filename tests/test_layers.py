@@ -539,13 +539,16 @@ def test_factored_ggn_products_equal_the_oracle(criterion: str) -> None:
     )
 
 
+@pytest.mark.parametrize("kept_bytes", [1 << 26, 0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_factored_ggn_over_sample_chunks_with_signed_factors(
-    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, kept_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An output loss whose Hessian is indefinite (signs -1 and +1 in its factor), a layer
     # without a bias, and chunks of samples small enough that the batch takes several; in
-    # float32 too, whose products take the other operand order (`_outer_sum`).
+    # float32 too, whose products take the other operand order (`_outer_sum`); and with no
+    # temporaries reused (as on a GPU, or past the cap), every buffer a new tensor.
+    monkeypatch.setattr(hesse._scratch, "_SCRATCH_BYTES", kept_bytes)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)
