@@ -513,6 +513,12 @@ def test_inverse_operator_of_a_curvature_operator_takes_dicts() -> None:
     assert set(as_dict) == set(ggn.param_names)
     _close(ggn.layout.flatten(as_dict), _exact(ggn.to_dense(), v, 0.1), 1e-8)
     assert inverse.shard == ggn.shard
+    # A dict is checked as the operators check it: its keys, then each entry's shape.
+    first = ggn.param_names[0]
+    with pytest.raises(ValueError, match="vector: a dict needs exactly the keys"):
+        inverse @ {k: t for k, t in as_dict.items() if k != first}
+    with pytest.raises(ValueError, match=rf"vector\[{first!r}\]: expected shape"):
+        inverse @ {**as_dict, first: as_dict[first].flatten()}
 
 
 def test_inverse_operator_refuses_to_return_an_unconverged_product() -> None:
@@ -538,6 +544,7 @@ def test_bad_arguments_name_the_argument() -> None:
         (ValueError, "damping: expected a finite number", {"damping": float("inf")}),
         (ValueError, "method: expected 'cg'", {"method": "gmres"}),
         (ValueError, "tol: expected a finite number > 0", {"tol": 0.0}),
+        (ValueError, "tol: expected a relative residual below 1", {"tol": 1.0}),
         (TypeError, "max_iter: expected an int", {"max_iter": 2.5}),
         (ValueError, "max_iter: expected an int >= 0", {"max_iter": -1}),
         (ValueError, r"x0: expected the shape of b, \(10,\)", {"x0": _rhs(10, 2)}),
@@ -583,9 +590,13 @@ def test_inverse_operator_bad_arguments() -> None:
         hesse.InverseOperator(a, damping=1.0, method="lu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="preconditioner: the diagonal"):
         hesse.InverseOperator(a, damping=1.0, preconditioner=torch.zeros(10, dtype=DTYPE))
+    with pytest.raises(ValueError, match="tol: expected a relative residual below 1"):
+        hesse.InverseOperator(a, damping=1.0, tol=3.0)
     inverse = hesse.InverseOperator(a, damping=1.0)
     with pytest.raises(ValueError, match=r"vector: expected shape \(10,\)"):
         inverse @ _rhs(3)
+    with pytest.raises(TypeError, match=r"vector: expected dtype torch.float64"):
+        inverse @ _rhs(10).float()
     with pytest.raises(TypeError, match="vector: a dict needs the parameter layout"):
         inverse @ {"w": _rhs(10)}
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from hesse._distributed import Shard
 from hesse._layout import ParamLayout
-from hesse._protocol import Operator
+from hesse._protocol import Operator, check_dict, check_operand
 
 __all__ = ["IdentityOperator", "LinearCombination", "scalar"]
 
@@ -116,8 +116,8 @@ class IdentityOperator(Operator):
                     "vector: a dict needs the parameter layout; build the identity with "
                     "hesse.IdentityOperator.like(op) from an operator over parameters."
                 )
-            return self.layout.unflatten(_check_operand(self, self.layout.flatten(other)).clone())
-        return _check_operand(self, other).clone()
+            return self.layout.unflatten(check_dict(self, self.layout, other).clone())
+        return check_operand(self, other).clone()
 
     def to_dense(self) -> Tensor:
         """``torch.eye(N)`` in the operator's dtype, on its device."""
@@ -129,25 +129,6 @@ class IdentityOperator(Operator):
 
     def __repr__(self) -> str:
         return f"IdentityOperator(n={self._n}, dtype={self._dtype}, device={self._device})"
-
-
-def _check_operand(op: Operator, other: Any) -> Tensor:
-    n = op.shape[0]
-    if not isinstance(other, Tensor):
-        raise TypeError(
-            f"vector: expected a tensor of shape ({n},) or ({n}, K), got {type(other).__name__}."
-        )
-    if other.ndim not in (1, 2) or other.shape[0] != n:
-        raise ValueError(
-            f"vector: expected shape ({n},) or ({n}, K) for this {n} x {n} operator, got "
-            f"{tuple(other.shape)}."
-        )
-    if other.dtype != op.dtype or other.device != op.device:
-        raise TypeError(
-            f"vector: expected {op.dtype} on {op.device}, got {other.dtype} on {other.device}; "
-            f"convert it with v.to({op.dtype}, {str(op.device)!r})."
-        )
-    return other
 
 
 class LinearCombination(Operator):
@@ -256,9 +237,10 @@ class LinearCombination(Operator):
         """``Σ c_i (A_i @ V)`` for ``V`` of shape ``(N,)`` or ``(N, K)``, or a dict of tensors.
 
         Raises:
-            TypeError: ``V`` is not a tensor of the operator's dtype and device, or is a dict
-                and no part knows the parameter layout.
-            ValueError: ``V`` is not of shape ``(N,)`` or ``(N, K)``.
+            TypeError: ``V`` is not a tensor of the operator's dtype, or is a dict and no part
+                knows the parameter layout.
+            ValueError: ``V`` is not of shape ``(N,)`` or ``(N, K)``, or not on the operator's
+                device; a dict without exactly the parameters' keys and shapes.
         """
         if isinstance(other, dict):
             if self.layout is None:
@@ -266,9 +248,8 @@ class LinearCombination(Operator):
                     "vector: a dict needs an operator that knows the parameter layout; none of "
                     "the parts of this sum does. Pass a flat tensor."
                 )
-            flat = self.layout.flatten(other)
-            return self.layout.unflatten(self @ flat)
-        _check_operand(self, other)
+            return self.layout.unflatten(self @ check_dict(self, self.layout, other))
+        other = check_operand(self, other)
         with self.session():
             out: Tensor | None = None
             for coefficient, op in self.terms:

@@ -41,6 +41,7 @@ from hesse._solve import (
     SolveResult,
     check_damping,
     check_method,
+    check_solve_tol,
     default_tol,
     solve,
     unconverged_error,
@@ -51,7 +52,6 @@ from hesse._validate import (
     check_chunk_size,
     check_criterion,
     check_model,
-    check_tolerance,
     normal_tensor,
     normalize_inputs,
 )
@@ -349,7 +349,7 @@ def _setup(
     _check_criterion(criterion)
     if not isinstance(progress, bool):
         raise TypeError(f"progress: expected True or False, got {progress!r}.")
-    return check_damping(damping, nonnegative=True), check_method(method), check_tolerance(tol)
+    return check_damping(damping, nonnegative=True), check_method(method), check_solve_tol(tol)
 
 
 def _first_nonempty(data: Dataset) -> Batch:

@@ -236,47 +236,50 @@ class LayoutOperator(Operator):
     def _product(self, other: Any, apply: Any) -> Any:
         """``apply`` (``(N, K) -> (N, K)``) on ``other``, returned in ``other``'s form."""
         if isinstance(other, dict):
-            flat = self._check_dict(other)
+            flat = check_dict(self, self.layout, other)
             return self.layout.unflatten(apply(flat[:, None])[:, 0])
-        matrix = self._check_vector(other)
+        matrix = check_operand(self, other)
         if matrix.ndim == 2 and matrix.shape[1] == 0:
             return matrix.new_zeros(matrix.shape)
         out = apply(matrix if matrix.ndim == 2 else matrix[:, None])
         return out if matrix.ndim == 2 else out[:, 0]
 
-    def _check_vector(self, other: Any) -> Tensor:
-        if not isinstance(other, Tensor):
-            raise TypeError(
-                f"vector: expected a tensor of shape (N,) or (N, K) or a dict of tensors keyed "
-                f"by parameter name, got {type(other).__name__}."
-            )
-        n = self.layout.numel
-        if other.ndim not in (1, 2) or other.shape[0] != n:
-            raise ValueError(
-                f"vector: expected shape ({n},) or ({n}, K) for this {n} x {n} operator, got "
-                f"{tuple(other.shape)}."
-            )
-        if other.dtype != self.dtype:
-            raise TypeError(
-                f"vector: expected dtype {self.dtype} (the parameters'), got {other.dtype}; "
-                f"convert it with v.to({self.dtype})."
-            )
-        if other.device != self.device:
-            raise ValueError(
-                f"vector: is on {other.device} but the operator is on {self.device}; move it "
-                f"with v.to({str(self.device)!r})."
-            )
-        return normal_tensor(other)
 
-    def _check_dict(self, other: dict[str, Tensor]) -> Tensor:
-        if set(other) != set(self.layout.names):
-            raise ValueError(
-                f"vector: a dict needs exactly the keys {list(self.layout.names)}, got "
-                f"{list(other)}."
-            )
-        for name, shape in zip(self.layout.names, self.layout.shapes):
-            value = other[name]
-            if not isinstance(value, Tensor) or value.shape != shape:
-                given = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"vector[{name!r}]: expected shape {tuple(shape)}, got {given}.")
-        return self._check_vector(self.layout.flatten(other))
+def check_operand(op: Operator, other: Any) -> Tensor:
+    """``other`` checked as the right operand of ``op @``: ``(N,)`` or ``(N, K)``, ``op``'s."""
+    if not isinstance(other, Tensor):
+        raise TypeError(
+            f"vector: expected a tensor of shape (N,) or (N, K) or a dict of tensors keyed "
+            f"by parameter name, got {type(other).__name__}."
+        )
+    n = op.shape[0]
+    if other.ndim not in (1, 2) or other.shape[0] != n:
+        raise ValueError(
+            f"vector: expected shape ({n},) or ({n}, K) for this {n} x {n} operator, got "
+            f"{tuple(other.shape)}."
+        )
+    if other.dtype != op.dtype:
+        raise TypeError(
+            f"vector: expected dtype {op.dtype} (the operator's), got {other.dtype}; "
+            f"convert it with v.to({op.dtype})."
+        )
+    if other.device != op.device:
+        raise ValueError(
+            f"vector: is on {other.device} but the operator is on {op.device}; move it "
+            f"with v.to({str(op.device)!r})."
+        )
+    return normal_tensor(other)
+
+
+def check_dict(op: Operator, layout: ParamLayout, other: dict[str, Tensor]) -> Tensor:
+    """A dict keyed by ``layout``'s names, flattened and checked as ``op``'s operand."""
+    if set(other) != set(layout.names):
+        raise ValueError(
+            f"vector: a dict needs exactly the keys {list(layout.names)}, got {list(other)}."
+        )
+    for name, shape in zip(layout.names, layout.shapes):
+        value = other[name]
+        if not isinstance(value, Tensor) or value.shape != shape:
+            given = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"vector[{name!r}]: expected shape {tuple(shape)}, got {given}.")
+    return check_operand(op, layout.flatten(other))

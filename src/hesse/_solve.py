@@ -25,7 +25,7 @@ from torch import Tensor
 
 from hesse._distributed import Shard
 from hesse._layout import ParamLayout
-from hesse._protocol import Operator
+from hesse._protocol import Operator, check_dict, check_operand
 from hesse._spectral import _Linear, _linear, eigsh
 from hesse._validate import check_tolerance, integer, positive_float
 
@@ -120,6 +120,18 @@ def check_damping(value: Any, *, nonnegative: bool = False) -> float:
             "the curvature, so a positive λ makes a positive semi-definite matrix invertible."
         )
     return number
+
+
+def check_solve_tol(tol: Any) -> float | None:
+    """``None`` or a relative residual in ``(0, 1)``: ``x = 0`` already has residual 1."""
+    value = check_tolerance(tol)
+    if value is not None and value >= 1:
+        raise ValueError(
+            f"tol: expected a relative residual below 1, got {value:g}; x = 0 already has "
+            "relative residual 1, so every answer would count as converged. Pass a tolerance "
+            "such as 1e-6, or None for the default of the dtype."
+        )
+    return value
 
 
 def check_method(method: Any) -> str:
@@ -890,7 +902,7 @@ def solve(
     declared = A.dtype
     lam = check_damping(damping)
     how = check_method(method)
-    tol = check_tolerance(tol)
+    tol = check_solve_tol(tol)
     tolerance = default_tol(lin.dtype) if tol is None else tol
     iterations = check_max_iter(max_iter)
     if iterations is None:
@@ -1009,7 +1021,7 @@ class InverseOperator(Operator):
         self.A = A
         self.damping = check_damping(damping)
         self._method = check_method(method)
-        self._tol = check_tolerance(tol)
+        self._tol = check_solve_tol(tol)
         self._max_iter = check_max_iter(max_iter)
         self._scale = check_scale(scale, self._method)
         if preconditioner is not None and self._method == "lissa":
@@ -1065,18 +1077,8 @@ class InverseOperator(Operator):
                     "vector: a dict needs the parameter layout, and this A has none; pass a "
                     "flat tensor."
                 )
-            return self.layout.unflatten(self @ self.layout.flatten(other))
-        n = self._n
-        if not isinstance(other, Tensor):
-            raise TypeError(
-                f"vector: expected a tensor of shape ({n},) or ({n}, K) or a dict of tensors, "
-                f"got {type(other).__name__}."
-            )
-        if other.ndim not in (1, 2) or other.shape[0] != n:
-            raise ValueError(
-                f"vector: expected shape ({n},) or ({n}, K) for this {n} x {n} operator, got "
-                f"{tuple(other.shape)}."
-            )
+            return self.layout.unflatten(self @ check_dict(self, self.layout, other))
+        other = check_operand(self, other)
         result = solve(
             self.A,
             other,
