@@ -574,6 +574,35 @@ def test_bad_arguments_name_the_argument() -> None:
             hesse.solve(kwargs.pop("A"), kwargs.pop("b"), **kwargs)
 
 
+@pytest.mark.parametrize("k", [None, 3])
+def test_cg_on_a_singular_system_names_the_curvature_not_a_nan(k: int | None) -> None:
+    # pᵀAp is 0, or 1e-34 after rounding in the block: not a "product returned NaN".
+    a = torch.diag(torch.tensor([1.0, 0.0], dtype=DTYPE))
+    b = torch.ones(2, dtype=DTYPE) if k is None else torch.ones(2, k, dtype=DTYPE)
+    with pytest.raises(ValueError, match="A: CG met negative curvature.*damping"):
+        hesse.solve(a, b)
+    assert bool(hesse.solve(a, b, damping=1.0).converged.all())
+
+
+def test_dense_a_that_is_not_finite_or_requires_grad() -> None:
+    a = _spd(5)
+    with pytest.raises(ValueError, match="A: contains NaN or infinite values"):
+        hesse.solve(torch.full_like(a, float("nan")), _rhs(5))
+    # A leaf that requires grad is used as it is, without torch's warning (errors here).
+    x = hesse.solve(a.clone().requires_grad_(), _rhs(5), tol=1e-12).solution
+    assert not x.requires_grad
+    _close(x, _exact(a, _rhs(5), 0.0), 1e-9)
+
+
+def test_an_operator_that_returns_no_tensor_is_named() -> None:
+    class ToNumpy(Counting):
+        def __matmul__(self, v: Tensor) -> Any:
+            return (self.a @ v).numpy()
+
+    with pytest.raises(TypeError, match=r"A: A @ V returned numpy.ndarray, not a torch.Tensor"):
+        hesse.solve(ToNumpy(_spd(5)), _rhs(5))
+
+
 def test_an_indefinite_preconditioner_is_refused() -> None:
     a, b = _spd(10), _rhs(10)
     with pytest.raises(ValueError, match="preconditioner: .* not positive definite"):

@@ -46,6 +46,8 @@ _LISSA_GROWTH = 2.0
 # `_may_drift`: the margin on the first-order bound of the gap between the recursive and the
 # true residual (whose norm estimate, a Rayleigh quotient, is low).
 _DRIFT_MARGIN = 1000.0
+# CG's curvature test: pᵀ(A + λI)p / pᵀp at most this many eps times the norm estimate is flat.
+_FLAT = 100.0
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -260,6 +262,15 @@ class _System:
         # The largest |Rayleigh quotient| of A + λI the method met: a lower estimate of its
         # norm, for `_may_drift`. A tensor (no synchronisation per iteration).
         self.norm_estimate: Tensor | None = None
+
+    def rounding_level(self) -> Tensor:
+        """The curvature ``pᵀ(A + λI)p / pᵀp`` at or below which it is rounding noise.
+
+        ``100 eps ‖A + λI‖`` (estimated): a positive definite system with curvature below it
+        has a condition beyond ``1 / (100 eps)``, out of reach of this precision.
+        """
+        assert self.norm_estimate is not None
+        return _FLAT * torch.finfo(self.norm_estimate.dtype).eps * self.norm_estimate
 
     def saw(self, quotients: Tensor) -> None:
         """Note Rayleigh quotients of ``A + λI`` (the iterations' own scalars)."""
@@ -482,7 +493,8 @@ def _cg(
     for iteration in range(1, max_iter + 1):
         q = system.apply(p)
         pq = _dot(p, q)
-        system.saw(pq / _dot(p, p))
+        rayleigh = pq / _dot(p, p)
+        system.saw(rayleigh)
         alpha = rz / pq
         x.add_(p * alpha)
         r.sub_(q * alpha)
@@ -490,11 +502,13 @@ def _cg(
         cols.record(rel)
         done = rel <= tol
         finite = torch.isfinite(pq) & torch.isfinite(rel)
-        bad, any_done = _flags(~(finite & (pq > 0)), done)  # one synchronisation
+        flat = ~(rayleigh > system.rounding_level())  # <= 0, or > 0 only within rounding
+        bad, any_done = _flags(~finite | flat, done)  # one synchronisation
         if bad:
-            if not bool(finite.all()):
-                raise system.not_finite()
-            raise _negative_curvature(p, pq, system.damping, cols.active, iteration)
+            # A flat direction (a singular system) also makes the step, and rel, not finite.
+            if bool(torch.isfinite(pq).all()) and bool(flat.any()):
+                raise _negative_curvature(p, pq, flat, system.damping, cols.active, iteration)
+            raise system.not_finite()
         if any_done:
             keep = cols.retire(x, done)
             if not bool(keep.any()):
@@ -540,6 +554,9 @@ def _block_cg(
         pq = (pq + pq.T) / 2  # symmetric in exact arithmetic
         system.saw(pq.diagonal())  # P has orthonormal columns within about 1%
         chol, info = torch.linalg.cholesky_ex(pq)  # no synchronisation; info read below
+        # A pivot at the level of rounding: PᵀQ is singular in this precision (and its
+        # smallest eigenvalue is at most the smallest pivot).
+        flat = (info != 0) | ~(chol.diagonal().square().min() > system.rounding_level())
         alpha = torch.cholesky_solve(p.T @ r, chol)
         x.addmm_(p, alpha)
         r.addmm_(q, alpha, alpha=-1)
@@ -547,11 +564,12 @@ def _block_cg(
         cols.record(rel)
         done = rel <= tol
         finite = torch.isfinite(pq).all() & torch.isfinite(rel).all()
-        bad, any_done = _flags(~finite | (info != 0), done)  # one synchronisation
+        bad, any_done = _flags(~finite | flat, done)  # one synchronisation
         if bad:
-            if not bool(finite):
-                raise system.not_finite()
-            raise _block_negative_curvature(p, pq, system.damping, iteration)
+            # A singular PᵀQ also makes the steps, and rel, not finite.
+            if bool(torch.isfinite(pq).all()) and bool(flat):
+                raise _block_negative_curvature(p, pq, system.damping, iteration)
+            raise system.not_finite()
         if any_done:
             keep = cols.retire(x, done)
             if not bool(keep.any()):
@@ -585,13 +603,14 @@ def _orth(w: Tensor) -> Tensor:
 
 
 def _negative_curvature(
-    p: Tensor, pq: Tensor, damping: float, active: Tensor, iteration: int
+    p: Tensor, pq: Tensor, flat: Tensor, damping: float, active: Tensor, iteration: int
 ) -> ValueError:
-    bad = (~(pq > 0)).nonzero()[0, 0]
+    bad = flat.nonzero()[0, 0]
     curvature = float(pq[bad])
     rayleigh = curvature / float(_dot(p[:, bad], p[:, bad]))
     where = f"right-hand side {int(active[bad])}, iteration {iteration}"
-    return _curvature_error(curvature, "<= 0", where, rayleigh, damping)
+    relation = "<= 0" if curvature <= 0 else "> 0 only within rounding"
+    return _curvature_error(curvature, relation, where, rayleigh, damping)
 
 
 def _block_negative_curvature(p: Tensor, pq: Tensor, damping: float, iteration: int) -> ValueError:

@@ -72,6 +72,12 @@ def _check_symmetric(a: Tensor) -> None:
     """A non-symmetric matrix has no real spectrum to report: refuse it (cheap next to eigh)."""
     if a.numel() == 0:
         return
+    a = a.detach()
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError(
+            "A: contains NaN or infinite values; a matrix with them has no spectrum to compute "
+            "with. Check how it was built."
+        )
     scale = float(a.abs().max())
     gap = float((a - a.mT).abs().max())
     if not gap <= (torch.finfo(a.dtype).eps ** 0.5) * max(scale, torch.finfo(a.dtype).tiny):
@@ -107,7 +113,14 @@ def _linear(a: Any) -> _Linear:
     work = torch.float32 if a.dtype in _HALF else a.dtype
 
     def matmat(v: Tensor) -> Tensor:
-        return (a @ v.to(a.dtype)).to(work)
+        out = a @ v.to(a.dtype)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"A: A @ V returned {type(out).__module__}.{type(out).__name__}, not a "
+                "torch.Tensor; an operator must map a tensor (N, K) to a tensor (N, K) of its "
+                "dtype on its device (convert with torch.as_tensor inside __matmul__)."
+            )
+        return out.to(work)
 
     def dense() -> Tensor:
         to_dense = getattr(a, "to_dense", None)
