@@ -732,7 +732,8 @@ class KFACOperator(LayoutOperator):
         r"""$\log\det(K + \lambda I)$ from the factors' eigenvalues.
 
         Negative round-off eigenvalues of the factors are clipped to 0 first (the factors are
-        positive semi-definite by construction).
+        positive semi-definite by construction); with ``damping=0``, so are eigenvalues at the
+        level of rounding (below ``max · d · eps``, ``d`` the larger factor's size).
 
         Args:
             damping: $\lambda \ge 0$.
@@ -747,8 +748,13 @@ class KFACOperator(LayoutOperator):
         damping = _damping(damping)
         total = 0.0
         for block in self._blocks:
-            values = self._eigenvalues(block).clamp_min(0) + damping
-            total += float(values.log().sum())
+            values = self._eigenvalues(block).clamp_min(0)
+            if damping == 0:
+                # A rank-deficient factor's zero eigenvalues come out at the level of rounding
+                # (1e-17, not 0): below it they are zeros, and the determinant is 0.
+                cut = values.max() * max(values.shape) * torch.finfo(values.dtype).eps
+                values = torch.where(values > cut, values, torch.zeros_like(values))
+            total += float((values + damping).log().sum())
         return total
 
     def inverse(self, damping: float, *, heuristic: bool = False) -> KFACInverse:
