@@ -315,6 +315,7 @@ def test_influence_bad_arguments() -> None:
         ),
         (ValueError, "method: expected 'cg'", {"method": "lu"}),
         (ValueError, "tol: expected a finite number > 0", {"tol": -1.0}),
+        (ValueError, "tol: expected a relative residual below 1", {"tol": 2.0}),
         (TypeError, "progress: expected True or False", {"progress": 1}),
         (TypeError, "test_data: expected one", {"test_data": xt}),
         (TypeError, "train_data: batch 0 must be an", {"train_data": [xt]}),
@@ -359,3 +360,48 @@ def test_kronecker_curvatures_are_inverted_through_their_factors(name: str) -> N
     torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
     own = hesse.self_influence(model, criterion, (x, y), damping=lam, curvature=name)
     torch.testing.assert_close(own, ((g_train @ inverse) * g_train).sum(1), rtol=1e-8, atol=1e-10)
+
+
+def test_data_that_does_not_fit_the_model_is_named() -> None:
+    # Mismatches that used to surface as RuntimeErrors deep inside the forward pass.
+    model, criterion, x, y, xt, yt = _problem("ce")
+    fails = "the model and criterion fail on the first batch"
+    with state_preserved(model):
+        with pytest.raises(ValueError, match=rf"train_data: {fails} .*torch.int32.*Long"):
+            hesse.influence_scores(model, criterion, (x, y.int()), (xt, yt), damping=0.1)
+        with pytest.raises(ValueError, match=rf"test_data: {fails} .*\(B, 5\)"):
+            hesse.influence_scores(
+                model, criterion, (x, y), (torch.randn(2, 5, dtype=DTYPE), yt[:2]), damping=0.1
+            )
+        with pytest.raises(ValueError, match=rf"data: {fails} .*torch.float32"):
+            hesse.self_influence(model, criterion, (x.float(), y), damping=0.1)
+        with pytest.raises(ValueError, match=rf"inputs, target: {fails} .*torch.float32"):
+            hesse.per_sample_gradients(model, criterion, x.float(), y)
+
+
+def test_samples_that_are_not_finite_are_named() -> None:
+    model, criterion, x, y, xt, yt = _problem("ce")
+    xt = xt.clone()
+    xt[1, 0] = float("nan")
+    with state_preserved(model):
+        with pytest.raises(ValueError, match="model: its output is NaN or infinite"):
+            hesse.influence_scores(model, criterion, (x, y), (xt, yt), damping=0.1)
+        # A batch of one has no batch to compare with: its gradient is checked.
+        one = [(xt[:1], yt[:1]), (xt[1:2], yt[1:2])]
+        with pytest.raises(ValueError, match="test_data: the loss gradient of sample 0"):
+            hesse.influence_scores(model, criterion, (x, y), one, damping=0.1)
+
+
+def test_a_shuffling_data_loader_is_refused() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, criterion, x, y, xt, yt = _problem("ce")
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    ordered = DataLoader(TensorDataset(x, y), batch_size=4)
+    with pytest.raises(ValueError, match="train_data: a DataLoader whose sampler is RandomSampler"):
+        hesse.influence_scores(model, criterion, shuffled, (xt, yt), damping=0.1)
+    with pytest.raises(ValueError, match="data: a DataLoader whose sampler is RandomSampler"):
+        hesse.self_influence(model, criterion, shuffled, damping=0.1)
+    expected = hesse.self_influence(model, criterion, (x, y), damping=0.1)
+    got = hesse.self_influence(model, criterion, ordered, damping=0.1)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=0)

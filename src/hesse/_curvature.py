@@ -192,6 +192,12 @@ def check_independent_samples(
     except (RuntimeError, NotImplementedError):  # not batchable over samples (nn.LSTM)
         alone = torch.stack([f(theta, *sample) for sample in zip(*args)])
     together = batched.reshape(b, *sample_shape)
+    if not bool(torch.isfinite(together).all()):
+        raise ValueError(
+            f"model: its output is NaN or infinite for some samples of the batch, so {what} "
+            "cannot compare each sample's output alone with its output in the batch; check the "
+            "inputs for NaN or infinite values."
+        )
     tol = torch.finfo(together.dtype).eps ** 0.5
     scale = max(float(together.abs().max()) if together.numel() else 0.0, 1.0)
     gap = float((alone - together).abs().max()) if together.numel() else 0.0
@@ -200,7 +206,8 @@ def check_independent_samples(
             f"model: {what} evaluates each sample as a batch of one, but this model's output "
             f"for a sample alone differs from its output within the batch (by {gap:.3g}): it "
             "couples the samples of a batch (batch statistics such as "
-            "BatchNorm(track_running_stats=False), or an operation across dim 0), so per-sample "
+            "BatchNorm(track_running_stats=False), or an operation across dim 0) or draws random "
+            "numbers in its forward pass, so per-sample "
             "Hessians would belong to another function. Use is_batch=False to differentiate the "
             "batched output as one evaluation, or the loss functions for the batch loss."
         )

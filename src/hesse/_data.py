@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from hesse._validate import normal_tensor, normalize_inputs
 
-__all__ = ["Batch", "Dataset", "as_dataset"]
+__all__ = ["Batch", "Dataset", "as_dataset", "model_fits"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,27 @@ class Batch:
 def _describe(signature: tuple[Any, ...]) -> str:
     parts = [f"{dtype} (B, {', '.join(map(str, shape))})" for dtype, shape, _ in signature]
     return "inputs [" + "; ".join(parts[:-1]) + "], target " + parts[-1]
+
+
+@contextmanager
+def model_fits(name: str, batch: Batch, dtype: Any) -> Iterator[None]:
+    """Name the data when the model or criterion fails on ``batch`` inside torch.
+
+    A mismatch of data and model (float32 inputs to a float64 model, a feature width the first
+    layer does not take, int32 class indices for cross-entropy) otherwise surfaces as a
+    RuntimeError deep inside the forward pass. hesse's own errors (ValueError, TypeError)
+    pass through.
+    """
+    try:
+        yield
+    except (RuntimeError, IndexError) as err:
+        given = _describe(batch.signature())
+        raise ValueError(
+            f"{name}: the model and criterion fail on the first batch ({given}): "
+            f"{type(err).__name__}: {err}. Check that the inputs have the model's dtype "
+            f"({dtype}) and the feature shape it takes, and that the target suits the criterion "
+            "(class indices as int64 for cross-entropy, the outputs' shape for MSE)."
+        ) from err
 
 
 def _batch(item: Any, index: int) -> Batch:

@@ -10,13 +10,14 @@ batch by batch, so the ``(n_train, N)`` gradients are never held at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
-from hesse._data import Batch, Dataset, as_dataset
+from hesse._data import Batch, Dataset, as_dataset, model_fits
 from hesse._functional import sample_loss_function
 from hesse._kfac import EKFACOperator, KFACOperator
 from hesse._layout import ParamLayout, Params
@@ -63,6 +64,7 @@ Curvature = Literal["ggn", "hessian", "fisher", "kfac", "ekfac"]
 # A structured approximation (KFAC, EKFAC) joins by adding its builder here; any operator can
 # already be passed as `curvature=` directly.
 _Builder = Callable[[nn.Module, Callable[..., Tensor], Dataset, Params, bool], Any]
+_RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
 
 def _builder(cls: type[CurvatureOperator]) -> _Builder:
@@ -109,14 +111,35 @@ def _check_criterion(criterion: Any) -> Callable[..., Tensor]:
     return criterion
 
 
-def _dataset(name: str, data: Any) -> Dataset:
-    """``data`` as batches, its errors said about the argument ``name``."""
+@contextmanager
+def _named(name: str) -> Iterator[None]:
+    """Errors about an operator's ``data`` said about the argument ``name``."""
     try:
-        with torch.inference_mode(False):
-            return as_dataset(data)
+        yield
     except (TypeError, ValueError) as err:
         text = str(err)
-        raise type(err)(f"{name}:{text[5:]}" if text.startswith("data:") else text) from None
+        if not text.startswith("data:"):
+            raise
+        raise type(err)(f"{name}:{text[5:]}") from err.__cause__
+
+
+def _dataset(name: str, data: Any) -> Dataset:
+    """``data`` as batches, its errors said about the argument ``name``.
+
+    A shuffling DataLoader is refused: the results are in the order the data yield the
+    samples, and it yields them in a new order on every pass.
+    """
+    samplers = [getattr(data, "sampler", None)]
+    samplers.append(getattr(getattr(data, "batch_sampler", None), "sampler", None))
+    for sampler in samplers:
+        if isinstance(sampler, _RANDOM_SAMPLERS):
+            raise ValueError(
+                f"{name}: a DataLoader whose sampler is {type(sampler).__name__} yields the "
+                "samples in a new order on every pass, so the results could not be matched "
+                "to samples; build it with shuffle=False (and no random sampler)."
+            )
+    with _named(name), torch.inference_mode(False):
+        return as_dataset(data)
 
 
 def _check_fits(what: str, needed: int, device: torch.device, detail: str, fixes: str) -> None:
@@ -136,11 +159,23 @@ class _Gradients:
     """Per-sample gradients through `EmpiricalFisherOperator` (vmap of grad, or a loop)."""
 
     def __init__(
-        self, model: nn.Module, criterion: Callable[..., Tensor], data: Any, params: Params
+        self,
+        model: nn.Module,
+        criterion: Callable[..., Tensor],
+        data: Any,
+        params: Params,
+        name: str,
     ) -> None:
         # Local: the gradients of this process's samples, even under torch.distributed.
-        self.op = EmpiricalFisherOperator(model, criterion, data, params, distributed=False)
+        with _named(name):
+            self.op = EmpiricalFisherOperator(model, criterion, data, params, distributed=False)
         self.layout: ParamLayout = self.op.layout
+
+    def check(self, name: str, data: Dataset) -> None:
+        """The checks of the operator's own data on other data's first batch (in a session)."""
+        batch = _first_nonempty(data)
+        with model_fits(name, batch, self.layout.dtype):
+            self.op._check_batch(batch)
 
     def session(self) -> Any:
         return self.op.session()
@@ -170,15 +205,30 @@ class _Gradients:
         )
         return chunk
 
-    def chunks(self, batch: Batch, chunk: int) -> Iterator[tuple[int, Tensor]]:
-        """``(start, (k, N) gradients)`` of ``batch``'s samples, ``chunk`` at a time."""
+    def chunks(
+        self, batch: Batch, chunk: int, finite: str | None = None
+    ) -> Iterator[tuple[int, Tensor]]:
+        """``(start, (k, N) gradients)`` of ``batch``'s samples, ``chunk`` at a time.
+
+        ``finite``: the data's argument name, to refuse gradients that are not finite (they
+        would make every score they meet NaN).
+        """
         assert batch.target is not None
         for start in range(0, batch.size, chunk):
             part = Batch(
                 tuple(x[start : start + chunk] for x in batch.inputs),
                 batch.target[start : start + chunk],
             )
-            yield start, self.op._per_sample_gradients(part)
+            g = self.op._per_sample_gradients(part)
+            if finite is not None:
+                bad = (~torch.isfinite(g).all(1)).nonzero()
+                if bad.numel():
+                    raise ValueError(
+                        f"{finite}: the loss gradient of sample {start + int(bad[0, 0])} of a "
+                        "batch is NaN or infinite; check its inputs and target for NaN or "
+                        "infinite values."
+                    )
+            yield start, g
 
 
 def per_sample_gradients(
@@ -255,7 +305,7 @@ def per_sample_gradients(
             f"({b}), got {given}."
         )
     batch = Batch(args, target)
-    grads = _Gradients(model, criterion, batch, params)
+    grads = _Gradients(model, criterion, batch, params, "inputs, target")
     n = grads.layout.numel
     with torch.inference_mode(False), grads.session():
         out_bytes = b * n * grads.layout.dtype.itemsize
@@ -443,18 +493,25 @@ def influence_scores(
     lam, how, tol = _setup(model, criterion, damping, method, tol, progress)
     train = _dataset("train_data", train_data)
     test = _dataset("test_data", test_data)
-    grads = _Gradients(model, criterion, train, params)
-    layout = grads.layout
-    C = _curvature(curvature, model, criterion, train, params, layout, progress)  # noqa: N806
-    n, itemsize = layout.numel, layout.dtype.itemsize
     n_test, n_train = test.num_samples, train.num_samples
     if n_test == 0:
         raise ValueError("test_data: no samples; pass at least one non-empty batch.")
+    grads = _Gradients(model, criterion, train, params, "train_data")
+    layout = grads.layout
+    with _named("train_data"):
+        C = _curvature(curvature, model, criterion, train, params, layout, progress)  # noqa: N806
+    n, itemsize = layout.numel, layout.dtype.itemsize
     kept = itemsize * (n * n_test * (1 + _SOLVE_VECTORS) + n_test * n_train)
     with torch.inference_mode(False), grads.session():
+        grads.check("test_data", test)
         chunk = grads.plan("influence_scores", _first_nonempty(train), kept, None)
         test_grads = torch.cat(
-            [g for batch in test if batch.size for _, g in grads.chunks(batch, chunk)]
+            [
+                g
+                for batch in test
+                if batch.size
+                for _, g in grads.chunks(batch, chunk, finite="test_data")
+            ]
         )
         solved = _checked_solve("influence_scores", C, test_grads.T.contiguous(), lam, how, tol)
         del test_grads
@@ -463,7 +520,8 @@ def influence_scores(
         try:
             for batch in train:
                 if batch.size:
-                    columns.extend(g @ solved for _, g in grads.chunks(batch, chunk))
+                    parts = grads.chunks(batch, chunk, finite="train_data")
+                    columns.extend(g @ solved for _, g in parts)
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -541,7 +599,7 @@ def self_influence(
     """
     lam, how, tol = _setup(model, criterion, damping, method, tol, progress)
     train = _dataset("data", data)
-    grads = _Gradients(model, criterion, train, params)
+    grads = _Gradients(model, criterion, train, params, "data")
     layout = grads.layout
     C = _curvature(curvature, model, criterion, train, params, layout, progress)  # noqa: N806
     n, itemsize = layout.numel, layout.dtype.itemsize
@@ -556,7 +614,7 @@ def self_influence(
         bar = _bar(progress, train.num_batches, "self_influence")
         try:
             for batch in train:
-                for _, g in grads.chunks(batch, chunk) if batch.size else ():
+                for _, g in grads.chunks(batch, chunk, finite="data") if batch.size else ():
                     x = _checked_solve("self_influence", C, g.T.contiguous(), lam, how, tol)
                     out.append((g.T * x).sum(0))
                 if bar is not None:

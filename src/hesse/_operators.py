@@ -28,7 +28,7 @@ from torch.func import grad, vjp, vmap
 from hesse._chain import ChainProducts, chain_products
 from hesse._compat import load_forward_ad
 from hesse._curvature import check_independent_samples, dense, diagonal, loss_curvature
-from hesse._data import Batch, Dataset, as_dataset
+from hesse._data import Batch, Dataset, as_dataset, model_fits
 from hesse._distributed import global_seed, resolve_shard
 from hesse._functional import criterion_loss, evaluate, loss, sample_loss_function
 from hesse._layers import (
@@ -218,7 +218,9 @@ class CurvatureOperator(LayoutOperator):
         self._num_samples = self._agree_across_ranks()
         self._num_batches = self.data.num_batches  # this rank's, as of the latest pass
         with self.session():
-            self._check_batch(next(iter(self.data)))
+            first = next(iter(self.data))
+            with model_fits("data", first, self.dtype):
+                self._check_batch(first)
             if check_deterministic:
                 self._check_deterministic()
 
@@ -1441,7 +1443,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
                 batch.inputs,
                 batched,
                 tuple(one.shape[1:]),
-                "EmpiricalFisherOperator",
+                "EmpiricalFisherOperator (whose per-sample gradients per_sample_gradients and the "
+                "influence functions use)",
             )
 
     def _per_sample_gradients(self, batch: Batch) -> Tensor:
