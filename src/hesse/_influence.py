@@ -272,7 +272,8 @@ def per_sample_gradients(
             not return a floating-point tensor, ``inputs`` are not tensors, or ``chunk_size``
             is not an int.
         ValueError: ``target`` is not a tensor whose dim 0 is the batch; the batch is empty
-            or its sizes differ; ``criterion`` has ``reduction="none"`` or the loss is not a
+            or its sizes differ; the model and criterion fail on the batch (inputs or target
+            that do not fit them); ``criterion`` has ``reduction="none"`` or the loss is not a
             scalar; the model couples the samples of a batch; ``params`` names no parameter
             or selects none; a selected parameter is NaN or infinite; ``chunk_size < 1``.
         MemoryBudgetError: The ``(B, N)`` result and the working set would not fit in the
@@ -469,9 +470,11 @@ def influence_scores(
             neither a name nor an operator, or an argument has the wrong type.
         ValueError: ``damping`` is negative or not finite; an unknown ``curvature`` or
             ``method``; an operator of another size, dtype or parameter selection; the data
-            hold no samples; the model couples the samples of a batch; CG met negative
-            curvature or LiSSA diverged (each message says what to change); and the errors of
-            the operators (``params``, the loss, the reduction).
+            hold no samples, come from a shuffling ``DataLoader``, do not fit the model (the
+            forward pass fails on the first batch) or give a NaN gradient; the model couples
+            the samples of a batch; CG met negative curvature or LiSSA diverged (each message
+            says what to change); and the errors of the operators (``params``, the loss, the
+            reduction).
         RuntimeError: The solve did not converge within its iterations.
         MemoryBudgetError: The test gradients, the solver's vectors and the scores would not
             fit in the device's memory (raised before allocating).
@@ -580,7 +583,8 @@ def self_influence(
             neither a name nor an operator, or an argument has the wrong type.
         ValueError: ``damping`` is negative or not finite; an unknown ``curvature`` or
             ``method``; an operator of another size, dtype or parameter selection; the data
-            hold no samples; the model couples the samples of a batch; CG met negative
+            hold no samples, come from a shuffling ``DataLoader``, do not fit the model or give
+            a NaN gradient; the model couples the samples of a batch; CG met negative
             curvature or LiSSA diverged; and the errors of the operators.
         RuntimeError: A solve did not converge within its iterations.
         MemoryBudgetError: The solver's vectors would not fit in the device's memory.
