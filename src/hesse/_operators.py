@@ -176,7 +176,8 @@ class CurvatureOperator(LayoutOperator):
         TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
             not return a floating-point tensor, ``data`` is a one-shot iterator or not
             ``(inputs, target)`` batches, or a flag has the wrong type.
-        ValueError: ``data`` holds no samples or batches of different structure; the loss
+        ValueError: ``data`` holds no samples or batches of different structure, or does
+            not fit the model (the forward pass fails on its first batch); the loss
             is not a scalar; ``reduction`` is not ``"mean"``, ``"sum"`` or ``"batchmean"`` or
             contradicts ``criterion.reduction``; ``params`` names no parameter or selects
             none; a selected parameter is NaN or infinite; ``check_deterministic=True`` and
@@ -720,7 +721,8 @@ class HessianOperator(CurvatureOperator):
         TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
             not return a floating-point tensor, ``data`` is a one-shot iterator or not
             ``(inputs, target)`` batches, or a flag has the wrong type.
-        ValueError: ``data`` holds no samples or batches of different structure; the loss
+        ValueError: ``data`` holds no samples or batches of different structure, or does
+            not fit the model (the forward pass fails on its first batch); the loss
             is not a scalar; ``reduction`` is not ``"mean"``, ``"sum"`` or ``"batchmean"`` or
             contradicts ``criterion.reduction``; ``params`` names no parameter or selects
             none; a selected parameter is NaN or infinite; ``check_deterministic=True`` and
@@ -919,7 +921,8 @@ class GGNOperator(CurvatureOperator):
             not return a floating-point tensor, the model does not return one tensor (the
             outputs ``z``), ``data`` is a one-shot iterator or not
             ``(inputs, target)`` batches, or a flag has the wrong type.
-        ValueError: ``data`` holds no samples or batches of different structure; the loss
+        ValueError: ``data`` holds no samples or batches of different structure, or does
+            not fit the model (the forward pass fails on its first batch); the loss
             is not a scalar; ``reduction`` is not ``"mean"``, ``"sum"`` or ``"batchmean"`` or
             contradicts ``criterion.reduction``; ``params`` names no parameter or selects
             none; a selected parameter is NaN or infinite; ``check_deterministic=True`` and
