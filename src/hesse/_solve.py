@@ -451,7 +451,8 @@ class _Run:
             else:
                 if self.scale is None:
                     self.scale = _lissa_scale(system, self.A, self.lin, system.damping)
-                system.saw(torch.tensor(2 * self.scale))  # λ_max < 2s where LiSSA converges
+                # λ_max < 2s where LiSSA converges
+                system.saw(torch.tensor(2 * self.scale, dtype=x.dtype, device=x.device))
                 _lissa(system, cols, x, r, denom, tol, max_iter, self.scale)
         else:
             cols.finish(x)
