@@ -140,6 +140,21 @@ def test_a1_a2_products_follow_every_change_of_model_data_and_criterion(change: 
     assert math.isclose(float(top.eigenvalues.abs()[0]), _sharpness(after), rel_tol=1e-6)
 
 
+def test_a1_a_criterion_whose_reduction_changes_is_followed() -> None:
+    # Unequal batches: the weights are B_b / N for a mean and 1 for a sum.
+    model, x, y = _net()
+    crit = nn.CrossEntropyLoss()
+    data = [(x[:1], y[:1]), (x[1:], y[1:])]
+    op = hesse.GGNOperator(model, crit, data)
+    v = torch.randn(op.shape[0], generator=_gen(1), dtype=F64)
+    mean = op @ v
+    crit.reduction = "sum"
+    assert op.reduction == "sum"
+    summed = hesse.GGNOperator(model, nn.CrossEntropyLoss(reduction="sum"), data)
+    assert (mean - summed @ v).abs().max() > 1e-3  # the change matters
+    assert_close(op @ v, summed @ v)
+
+
 def test_a2_a_changed_shape_is_refused() -> None:
     model, x, y = _net()
     op = hesse.HessianOperator(model, nn.CrossEntropyLoss(), (x, y))

@@ -170,7 +170,8 @@ class CurvatureOperator(LayoutOperator):
         layout: The `ParamLayout` mapping rows to parameters.
         param_names: The selected parameters' names, in row order.
         num_samples: Samples in the dataset (over all ranks; as of the latest pass over it).
-        reduction: ``"mean"``, ``"sum"`` or ``"batchmean"``, as resolved at construction.
+        reduction: ``"mean"``, ``"sum"`` or ``"batchmean"``: the argument, else
+            ``criterion.reduction`` as it is at each product.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``criterion`` is not callable or does
@@ -203,7 +204,8 @@ class CurvatureOperator(LayoutOperator):
     ) -> None:
         self.model = check_model(model)
         self.criterion = check_criterion(criterion)
-        self.reduction = _reduction(criterion, reduction)
+        self._reduction_arg = reduction
+        _reduction(criterion, reduction)  # checked now; read anew where it is used
         self.training = check_training(training)
         self._check_training()
         self.layout = ParamLayout.from_module(model, params)
@@ -224,6 +226,15 @@ class CurvatureOperator(LayoutOperator):
                 self._check_batch(first)
             if check_deterministic:
                 self._check_deterministic()
+
+    @property
+    def reduction(self) -> str:
+        """``"mean"``, ``"sum"`` or ``"batchmean"``, read anew on every use.
+
+        The argument, else ``criterion.reduction`` as it is now: a criterion whose reduction
+        changes after construction is followed.
+        """
+        return _reduction(self.criterion, self._reduction_arg)
 
     def _check_training(self) -> None:
         """Refuse ``training=True`` where it has no meaning (per-sample curvature)."""
