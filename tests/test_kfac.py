@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -324,19 +325,41 @@ def test_half_precision_model_keeps_float32_factors(dtype: torch.dtype) -> None:
 # -- snapshots, state, selection ---------------------------------------------------------------
 
 
-def test_snapshot_until_refresh() -> None:
+CHANGES: dict[str, Callable[[nn.Module, nn.Module], None]] = {
+    "in_place": lambda m, c: m[0].weight.data.mul_(2.0),
+    "data_assign": lambda m, c: setattr(m[0].weight, "data", m[0].weight.data * 2),
+    "replaced_parameter": lambda m, c: setattr(m[0], "weight", nn.Parameter(m[0].weight * 2)),
+    "criterion_reduction": lambda m, c: setattr(c, "reduction", "sum"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+def test_a_changed_model_is_refused_until_refresh(change: str, cls: type[KFACOperator]) -> None:
     model, crit, data = _problem("mlp")
-    op = KFACOperator(model, crit, data)
+    op = cls(model, crit, data)
     before = op.to_dense()
     inverse = op.inverse(1e-2)
-    with torch.no_grad():
-        model[0].weight.mul_(2.0)
-    assert torch.equal(op.to_dense(), before)  # a snapshot: does not follow the model
+    v = torch.ones(op.shape[0], dtype=F64)
+    CHANGES[change](model, crit)
+    for call in (
+        lambda: op @ v,
+        op.to_dense,
+        op.diagonal,
+        op.trace,
+        op.logdet,
+        lambda: op.inverse(1e-2),
+        lambda: inverse @ v,
+    ):
+        with pytest.raises(ValueError, match=r"model: .* since the factors were computed"):
+            call()
     op.refresh()
-    assert_close(op.to_dense(), KFACOperator(model, crit, data).to_dense())
+    assert_close(op.to_dense(), cls(model, crit, data).to_dense())
     assert not torch.allclose(op.to_dense(), before)
+    with pytest.raises(ValueError, match=r"KFACInverse: made before .*refresh\(\)"):
+        inverse @ v  # an inverse of the old factors
     fresh = op.inverse(1e-2)
-    assert not torch.allclose(fresh.to_dense(), inverse.to_dense())
+    assert_close(fresh @ (op @ v + 1e-2 * v), v, rtol=1e-8)
 
 
 class _Failing(nn.Module):
@@ -358,7 +381,8 @@ def test_state_preserved_and_hooks_removed_on_error() -> None:
     model.train()
     model.net[0].weight.grad = torch.ones_like(model.net[0].weight)
     bad = [*data, (data[0][0][:3], data[0][1][:3])]
-    with state_preserved(model), pytest.raises(RuntimeError, match="model failed"):
+    # The model's own error, with the batch it failed on.
+    with state_preserved(model), pytest.raises(ValueError, match="batch 3 .*model failed"):
         KFACOperator(model, crit, bad)
     assert all(not m._forward_hooks for m in model.modules())
     with state_preserved(model):
@@ -498,3 +522,58 @@ def test_bad_operands_and_damping() -> None:
         op.logdet(float("nan"))
     with pytest.raises(ValueError, match="KFAC only"):
         op.inverse(1e-3, heuristic=True)
+
+
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+def test_inverse_without_damping_of_a_singular_block_is_refused(cls: type[KFACOperator]) -> None:
+    # Cross-entropy's G is singular (the softmax's Hessian has rank C - 1): 0 * inf before.
+    model, crit, data = _problem("mlp")
+    op = cls(model, crit, data)
+    with pytest.raises(ValueError, match="damping: 0 inverts K itself, but the .* is singular"):
+        op.inverse(0.0)
+    v = torch.ones(op.shape[0], dtype=F64)
+    assert bool(torch.isfinite(op.inverse(1e-3) @ v).all())
+
+
+def test_an_ekfac_refresh_that_fails_keeps_the_operator_as_it_was() -> None:
+    model, crit, data = _problem("mlp")
+
+    class FailsOnSixthPass(list[Any]):
+        # Read 4 times at construction (checked, counted, factors, correction), then by the
+        # refresh: its factors' pass succeeds (on other data: other factors) and its
+        # correction's fails.
+        passes = 0
+
+        def __iter__(self) -> Any:
+            FailsOnSixthPass.passes += 1
+            if FailsOnSixthPass.passes == 5:
+                return iter([(2 * x, y) for x, y in list.__iter__(self)])
+            if FailsOnSixthPass.passes == 6:
+                raise RuntimeError("the data went away")
+            return super().__iter__()
+
+    op = EKFACOperator(model, crit, FailsOnSixthPass(data))
+    before = op.to_dense()
+    with pytest.raises(RuntimeError, match="the data went away"):
+        op.refresh()  # the factors' pass succeeded, the correction's failed
+    assert torch.equal(op.to_dense(), before)
+
+
+def test_built_and_refreshed_inside_inference_mode() -> None:
+    model, crit, data = _problem("mlp")
+    expected = KFACOperator(model, crit, data).to_dense()
+    with torch.inference_mode():
+        op = KFACOperator(model, crit, data)
+        op.refresh()
+    assert_close(op.to_dense(), expected)
+
+
+def test_data_that_does_not_fit_is_named_with_its_batch() -> None:
+    model, crit, data = _problem("mlp")
+    x, y = data[0]
+    with pytest.raises(
+        ValueError, match=r"data: the model and criterion fail on batch 0 .*float32"
+    ):
+        KFACOperator(model, crit, (x.float(), y))
+    with pytest.raises(ValueError, match=r"data: .* fail on batch 1 .*IndexError"):
+        KFACOperator(model, crit, [(x, y), (x, y + 10)], fisher_type="empirical")

@@ -40,7 +40,9 @@ def _describe(signature: tuple[Any, ...]) -> str:
 
 
 @contextmanager
-def model_fits(name: str, batch: Batch, dtype: Any) -> Iterator[None]:
+def model_fits(
+    name: str, batch: Batch, dtype: Any, *, where: str = "the first batch"
+) -> Iterator[None]:
     """Name the data when the model or criterion fails on ``batch`` inside torch.
 
     A mismatch of data and model (float32 inputs to a float64 model, a feature width the first
@@ -53,7 +55,7 @@ def model_fits(name: str, batch: Batch, dtype: Any) -> Iterator[None]:
     except (RuntimeError, IndexError) as err:
         given = _describe(batch.signature())
         raise ValueError(
-            f"{name}: the model and criterion fail on the first batch ({given}): "
+            f"{name}: the model and criterion fail on {where} ({given}): "
             f"{type(err).__name__}: {err}. Check that the inputs have the model's dtype "
             f"({dtype}) and the feature shape it takes, and that the target suits the criterion "
             "(class indices as int64 for cross-entropy, the outputs' shape for MSE)."

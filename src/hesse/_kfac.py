@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from hesse._data import Batch, Dataset, as_dataset
+from hesse._data import Batch, Dataset, as_dataset, model_fits
 from hesse._distributed import resolve_shard
 from hesse._functional import criterion_loss, evaluate
 from hesse._layers import Record, _batched_grad, recording
@@ -294,10 +294,14 @@ class KFACOperator(LayoutOperator):
     matrix; batches are weighted like hesse's other operators (``B_b / N`` for a mean loss,
     1 for a sum; unequal batches are exact).
 
-    **A snapshot.** The factors are computed once, at construction, from the model as it is
-    then: unlike hesse's exact operators, a KFAC operator does *not* follow later changes of
-    the parameters (training steps, ``.data`` edits). Call `refresh` (or build a new one)
-    after the model changes.
+    **Computed at one point.** The factors are computed once, at construction, from the
+    model as it is then. A KFAC operator does *not* follow later changes as hesse's exact
+    operators do, and it never answers for a model that has changed: every product and
+    method first compares the model's parameters and buffers (objects and values) and the
+    criterion's reduction with those the factors came from, and raises after a training step,
+    a ``.data`` edit or a replaced ``Parameter``. Call `refresh` (or build a new operator)
+    after the model changes. The data are not compared (a pass over them costs as much as
+    `refresh`): after editing the data in place, call `refresh`.
 
     The matrix is never formed: products, `diagonal`, `trace`, `logdet` and the damped
     `inverse` work on the factors and on their eigendecompositions, computed once and cached.
@@ -420,8 +424,11 @@ class KFACOperator(LayoutOperator):
             checked = int(torch.randint(2**62, (), generator=checked))
         self._seed: int = checked if checked is not None else self._shard.common_seed()
         self._factor_dtype = torch.promote_types(self.layout.dtype, torch.float32)
+        self._reduction_arg = reduction
         self.factors: dict[str, tuple[Tensor | None, Tensor]] = {}
         self.num_samples = 0
+        self._generation = 0  # refreshes so far: a `KFACInverse` belongs to one of them
+        self._seen = _ModelPoint.of(self)
         self.refresh()
 
     @staticmethod
@@ -444,14 +451,23 @@ class KFACOperator(LayoutOperator):
     def refresh(self) -> None:
         """Recompute the factors from the model and data as they are now.
 
-        The operator is a snapshot taken at construction; call this after the parameters
-        change (or build a new operator). Cached eigendecompositions are dropped.
+        The factors answer for the model at the latest refresh (construction is the first);
+        call this after the parameters change. Cached eigendecompositions are dropped, and
+        inverses made before (`inverse`) refuse to be used.
 
         Raises:
             ValueError: A selected parameter is NaN or infinite, a layer does not run exactly
-                once per forward pass, outputs or targets have the wrong shape, or the data
-                hold no samples.
+                once per forward pass, outputs or targets have the wrong shape or do not fit
+                the model, or the data hold no samples.
         """
+        with torch.inference_mode(False):
+            seen = _ModelPoint.of(self)
+            self.reduction = seen.reduction
+            self._refresh()
+            self._seen = seen
+            self._generation += 1
+
+    def _refresh(self) -> None:
         self._eig: dict[str, tuple[Tensor, Tensor]] = {}
         factors = _Factors()
         dtype, device = self._factor_dtype, self.device
@@ -514,29 +530,31 @@ class KFACOperator(LayoutOperator):
             theta = torch.cat([named[n].detach().reshape(-1) for n in self.layout.names])
             check_finite(self.model, self.layout, theta)
             leaves = {n: named[n].detach().requires_grad_() for n in self.layout.names}
-            for batch in self.data:
+            for index, batch in enumerate(self.data):
                 if not batch.size:
                     continue
                 count += batch.size
                 with (
+                    model_fits("data", batch, self.dtype, where=f"batch {index}"),
                     torch.enable_grad(),
                     recording([site.module for site in self._sites]) as records,
                 ):
                     f = evaluate(self.model, leaves, batch.inputs)
-                _check_output(self.criterion, f, batch.target)
+                    _check_output(self.criterion, f, batch.target)
                 inputs = [self._inputs(s, r, batch.size) for s, r in zip(self._sites, records)]
                 grads: list[Tensor | None] = [None] * len(self._sites)
                 weight = 0.0
                 if backward:
                     assert batch.target is not None
-                    u, omega = _columns(
-                        self.criterion,
-                        self.fisher_type,
-                        f,
-                        batch.target,
-                        self.mc_samples,
-                        generator,
-                    )
+                    with model_fits("data", batch, self.dtype, where=f"batch {index}"):
+                        u, omega = _columns(
+                            self.criterion,
+                            self.fisher_type,
+                            f,
+                            batch.target,
+                            self.mc_samples,
+                            generator,
+                        )
                     with torch.enable_grad():
                         got = _batched_grad(f, [r.z for r in records], u)
                     grads = [self._gradients(s, g) for s, g in zip(self._sites, got)]
@@ -686,7 +704,19 @@ class KFACOperator(LayoutOperator):
             TypeError: ``other`` is neither a tensor nor a dict, or has another dtype.
             ValueError: ``other`` has the wrong shape, device or dict keys.
         """
+        self._check_point()
         return self._product(other, lambda v: self._apply(v, self._block_apply))
+
+    def _check_point(self) -> None:
+        """Refuse to answer for a model other than the one the factors came from."""
+        change = self._seen.change(self)
+        if change is not None:
+            raise ValueError(
+                f"model: {change} since the factors were computed (at construction or the "
+                f"latest refresh()), and {type(self).__name__} answers for the model at that "
+                "point only. Call refresh() to recompute it for the model as it is now, or "
+                "build a new operator."
+            )
 
     def to_dense(self) -> Tensor:
         """The ``(N, N)`` block-diagonal matrix, assembled from the factors.
@@ -694,6 +724,7 @@ class KFACOperator(LayoutOperator):
         Returns:
             ``(N, N)`` in the operator's dtype, on its device.
         """
+        self._check_point()
         n = self.shape[0]
         dense = torch.zeros(n, n, dtype=self._factor_dtype, device=self.device)
         for block in self._blocks:
@@ -711,6 +742,7 @@ class KFACOperator(LayoutOperator):
         Returns:
             ``(N,)`` in the operator's dtype, on its device.
         """
+        self._check_point()
         out = torch.zeros(self.shape[0], dtype=self._factor_dtype, device=self.device)
         for block in self._blocks:
             out[self._indices(block)] = self._block_diagonal(block).reshape(-1)
@@ -726,6 +758,7 @@ class KFACOperator(LayoutOperator):
         Returns:
             The trace as a Python float.
         """
+        self._check_point()
         return float(sum(float(self._block_diagonal(b).sum()) for b in self._blocks))
 
     def logdet(self, damping: float = 0.0) -> float:
@@ -746,14 +779,12 @@ class KFACOperator(LayoutOperator):
             ValueError: ``damping`` is negative or not finite.
         """
         damping = _damping(damping)
+        self._check_point()
         total = 0.0
         for block in self._blocks:
             values = self._eigenvalues(block).clamp_min(0)
             if damping == 0:
-                # A rank-deficient factor's zero eigenvalues come out at the level of rounding
-                # (1e-17, not 0): below it they are zeros, and the determinant is 0.
-                cut = values.max() * max(values.shape) * torch.finfo(values.dtype).eps
-                values = torch.where(values > cut, values, torch.zeros_like(values))
+                values = _zeros_at_rounding(values)
             total += float((values + damping).log().sum())
         return total
 
@@ -783,16 +814,27 @@ class KFACOperator(LayoutOperator):
             preconditioner; it shares this operator's cached eigendecompositions.
 
         Raises:
-            ValueError: ``damping`` is negative or not finite; ``heuristic=True`` on EKFAC.
+            ValueError: ``damping`` is negative or not finite, or 0 with a singular block;
+                ``heuristic=True`` on EKFAC; the model changed since the factors were
+                computed.
         """
         damping = _damping(damping)
         if not isinstance(heuristic, bool):
             raise TypeError(f"heuristic: expected True or False, got {heuristic!r}.")
         if heuristic and isinstance(self, EKFACOperator):
             raise ValueError("heuristic: π-damping exists for KFAC only; use exact damping.")
+        self._check_point()
         scales = {}
         for block in self._blocks:
             values = self._eigenvalues(block).clamp_min(0)
+            if damping == 0 and not heuristic and bool((_zeros_at_rounding(values) == 0).any()):
+                where = f"layer {block.site.path!r}" if block.site.path else "the model"
+                raise ValueError(
+                    f"damping: 0 inverts K itself, but the {block.kind} block of {where} is "
+                    "singular (a factor has eigenvalues at the level of rounding: fewer "
+                    "samples than inputs, or cross-entropy's G, which is always singular); "
+                    "pass damping > 0."
+                )
             a, g = self.factors[block.site.path]
             if heuristic and a is not None:
                 _, _, lg, _ = self._basis(block)
@@ -828,7 +870,8 @@ class EKFACOperator(KFACOperator):
     construction (factors, then the correction). ``fisher_type="forward-only"`` is not
     available (no gradients to correct with).
 
-    Like KFAC, a snapshot of the model at construction: call `refresh` after it changes.
+    Like KFAC, computed from the model at construction, and refusing to answer once the model
+    has changed: call `refresh` after it changes.
 
     Args:
         model: The module; evaluated in eval mode, its state restored afterwards.
@@ -863,6 +906,8 @@ class EKFACOperator(KFACOperator):
         True
     """
 
+    eigenvalues: dict[str, dict[str, Tensor]]
+
     @staticmethod
     def _fisher_types() -> tuple[str, ...]:
         return ("type-2", "mc", "empirical")
@@ -874,6 +919,21 @@ class EKFACOperator(KFACOperator):
             ValueError: As `KFACOperator.refresh`.
         """
         super().refresh()
+
+    def _refresh(self) -> None:
+        # The second pass may fail after the first replaced the factors: put back all of the
+        # operator as it was, never a mix of a new eigenbasis and old eigenvalues.
+        kept = (self.factors, getattr(self, "_eig", {}), getattr(self, "eigenvalues", {}))
+        kept_count = self.num_samples
+        try:
+            super()._refresh()
+            self._correct()
+        except BaseException:
+            self.factors, self._eig, self.eigenvalues = kept
+            self.num_samples = kept_count
+            raise
+
+    def _correct(self) -> None:
         corrections: dict[int, Tensor] = {
             id(b): torch.zeros(b.site.d_out, b.d_a, dtype=self._factor_dtype, device=self.device)
             for b in self._blocks
@@ -892,12 +952,13 @@ class EKFACOperator(KFACOperator):
                     corrections[id(block)].add_(_correction(g @ qg, x @ qa), alpha=w)
 
         count = self._pass(visit, backward=True)
-        self.eigenvalues: dict[str, dict[str, Tensor]] = {}
+        eigenvalues: dict[str, dict[str, Tensor]] = {}
         for block in self._blocks:
             s = self.shard.all_reduce(corrections[id(block)])
             if self.reduction == "mean":
                 s = s.div_(count)
-            self.eigenvalues.setdefault(block.site.path, {})[block.kind] = s
+            eigenvalues.setdefault(block.site.path, {})[block.kind] = s
+        self.eigenvalues = eigenvalues
 
     def _corrected(self, block: _Block) -> Tensor:
         return self.eigenvalues[block.site.path][block.kind]
@@ -923,6 +984,7 @@ class EKFACOperator(KFACOperator):
         Returns:
             The trace as a Python float.
         """
+        self._check_point()
         return float(sum(float(self._corrected(b).sum()) for b in self._blocks))
 
 
@@ -937,6 +999,60 @@ def _correction(gr: Tensor, ar: Tensor) -> Tensor:
         per_sample = torch.einsum("knti,ntj->knij", gr[:, lo : lo + step], ar[lo : lo + step])
         out += per_sample.square().sum((0, 1))
     return out
+
+
+def _zeros_at_rounding(values: Tensor) -> Tensor:
+    """Eigenvalues of a positive semi-definite block with those at rounding level set to 0.
+
+    A rank-deficient factor's zero eigenvalues come out at about ``eps · max`` (1e-17, not
+    0); below ``max · d · eps`` (``d`` the larger factor's size) they count as zeros.
+    """
+    cut = values.max() * max(values.shape) * torch.finfo(values.dtype).eps
+    return torch.where(values > cut, values, torch.zeros_like(values))
+
+
+@dataclass(frozen=True)
+class _ModelPoint:
+    """What the factors were computed from.
+
+    The model's parameters and buffers (the objects, and copies of their values: version
+    counters miss ``.data`` writes) and the criterion's reduction.
+    """
+
+    names: tuple[str, ...]
+    tensors: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    reduction: str
+
+    @staticmethod
+    def _now(op: KFACOperator) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+        named = [
+            *op.model.named_parameters(remove_duplicate=False),
+            *op.model.named_buffers(remove_duplicate=False),
+        ]
+        return tuple(n for n, _ in named), tuple(t for _, t in named)
+
+    @classmethod
+    def of(cls, op: KFACOperator) -> _ModelPoint:
+        names, tensors = cls._now(op)
+        values = tuple(t.detach().clone() for t in tensors)
+        return cls(names, tensors, values, _reduction(op.criterion, op._reduction_arg))
+
+    def change(self, op: KFACOperator) -> str | None:
+        """What changed in ``op``'s model since, or ``None``."""
+        names, tensors = self._now(op)
+        if names != self.names:
+            return "its parameters or buffers were added, removed or renamed"
+        replaced = [n for n, a, b in zip(names, tensors, self.tensors) if a is not b]
+        if replaced:
+            return f"{replaced[0]} was replaced by another tensor"
+        for name, now, then in zip(names, tensors, self.values):
+            if now.shape != then.shape or not torch.equal(now.detach(), then):
+                return f"the values of {name} changed (a training step, a .data edit)"
+        reduction = _reduction(op.criterion, op._reduction_arg)
+        if reduction != self.reduction:
+            return f"the criterion's reduction changed from {self.reduction!r} to {reduction!r}"
+        return None
 
 
 def _damping(damping: Any) -> float:
@@ -955,7 +1071,9 @@ class KFACInverse(LayoutOperator):
 
     Applied block by block in the Kronecker eigenbasis, $Q \operatorname{diag}(1/(\lambda +
     \text{damping})) Q^\top$, with the eigendecompositions the operator caches; a product
-    costs four small matrix products per block. A snapshot like its operator.
+    costs four small matrix products per block. It answers for its operator's factors as
+    they were when it was made: after the model changes, or after the operator's `refresh`,
+    it raises (make a new one with ``op.inverse(damping)``).
 
     Args:
         op: The KFAC or EKFAC operator.
@@ -977,6 +1095,17 @@ class KFACInverse(LayoutOperator):
         self.damping = damping
         self.layout = op.layout
         self._shard = op.shard
+        self._generation = op._generation
+
+    def _check_point(self) -> None:
+        """Refuse to answer after the operator's factors changed (or its model did)."""
+        op = self._op
+        if op._generation != self._generation:
+            raise ValueError(
+                f"KFACInverse: made before {type(op).__name__}.refresh() recomputed the "
+                "factors it inverts; call op.inverse(damping) again."
+            )
+        op._check_point()
 
     def __repr__(self) -> str:
         return f"KFACInverse(of={type(self._op).__name__}, damping={self.damping})"
@@ -988,6 +1117,7 @@ class KFACInverse(LayoutOperator):
             TypeError: ``other`` is neither a tensor nor a dict, or has another dtype.
             ValueError: ``other`` has the wrong shape, device or dict keys.
         """
+        self._check_point()
         op = self._op
         return self._product(
             other,
@@ -996,6 +1126,7 @@ class KFACInverse(LayoutOperator):
 
     def to_dense(self) -> Tensor:
         """The ``(N, N)`` inverse, block-diagonal, in the operator's dtype."""
+        self._check_point()
         op = self._op
         n = self.shape[0]
         dense = torch.zeros(n, n, dtype=op._factor_dtype, device=self.device)
@@ -1008,6 +1139,7 @@ class KFACInverse(LayoutOperator):
 
     def diagonal(self) -> Tensor:
         """The exact diagonal of the inverse, ``(N,)``."""
+        self._check_point()
         op = self._op
         out = torch.zeros(self.shape[0], dtype=op._factor_dtype, device=self.device)
         for block in op._blocks:
