@@ -92,6 +92,25 @@ def test_algebra_refuses_what_does_not_add_up() -> None:
         h * h
     with pytest.raises(ValueError, match="n: expected a positive int"):
         hesse.IdentityOperator(0)
+    with pytest.raises(TypeError, match="dtype: expected a floating-point torch.dtype"):
+        hesse.IdentityOperator(3, dtype="float64")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dtype: expected a floating-point torch.dtype"):
+        hesse.IdentityOperator(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="device: expected a torch.device"):
+        hesse.IdentityOperator(3, device="bogus")
+    with pytest.raises(ZeroDivisionError, match="coefficient: an operator divided by 0"):
+        h / 0
+    with pytest.raises(ValueError, match="coefficient: expected a finite number"):
+        h * float("nan")
+    # Same names and size, other shapes: dict products would take the wrong shapes.
+    one = nn.Sequential(nn.Linear(4, 3)).to(F64)
+    other = nn.Sequential(nn.Linear(2, 5)).to(F64)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    ggn_one = hesse.GGNOperator(one, nn.MSELoss(), (x, torch.zeros(6, 3, dtype=F64)))
+    ggn_other = hesse.GGNOperator(other, nn.MSELoss(), (x[:, :2], torch.zeros(6, 5, dtype=F64)))
+    assert ggn_one.shape == ggn_other.shape and ggn_one.param_names == ggn_other.param_names
+    with pytest.raises(ValueError, match=r"operators: built on different parameters .*\(3, 4\)"):
+        ggn_one + ggn_other
     with pytest.raises(ValueError, match=r"vector: expected shape \(3,\) or \(3, K\)"):
         small @ torch.ones(4, dtype=F64)
 

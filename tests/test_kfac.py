@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close, state_preserved
@@ -577,3 +578,12 @@ def test_data_that_does_not_fit_is_named_with_its_batch() -> None:
         KFACOperator(model, crit, (x.float(), y))
     with pytest.raises(ValueError, match=r"data: .* fail on batch 1 .*IndexError"):
         KFACOperator(model, crit, [(x, y), (x, y + 10)], fisher_type="empirical")
+
+
+def test_a_replaced_layer_and_numpy_damping() -> None:
+    model, crit, data = _problem("mlp")
+    op = KFACOperator(model, crit, data)
+    assert math.isfinite(op.logdet(np.float32(0.1)))  # a NumPy float is a number too
+    model[2] = nn.Linear(model[2].in_features, model[2].out_features).to(F64)
+    with pytest.raises(ValueError, match=r"model: the layer\(s\) \['2'\] .* no longer part"):
+        op.refresh()

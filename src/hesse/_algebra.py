@@ -9,6 +9,7 @@ exact ``diagonal()`` when every part has one, ``to_scipy()``, sessions and the d
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -25,12 +26,23 @@ __all__ = ["IdentityOperator", "LinearCombination", "scalar"]
 
 
 def scalar(value: Any) -> float | None:
-    """``value`` as a Python float if it is a real number (a 0-dim tensor too), else None."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-        return float(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    return None
+    """``value`` as a Python float if it is a real number (a 0-dim tensor too), else None.
+
+    Raises:
+        ValueError: It is NaN or infinite (every product would be).
+    """
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    one = isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex()
+    number = float(value) if real or one else None
+    if number is not None and not math.isfinite(number):
+        raise ValueError(
+            f"coefficient: expected a finite number to scale an operator by, got {number!r}."
+        )
+    return number
+
+
+def _describe(layout: ParamLayout) -> str:
+    return "[" + ", ".join(f"{n} {tuple(s)}" for n, s in zip(layout.names, layout.shapes)) + "]"
 
 
 class IdentityOperator(Operator):
@@ -47,7 +59,8 @@ class IdentityOperator(Operator):
         device: The device of products (default: the CPU).
 
     Raises:
-        ValueError: ``n`` is not a positive int.
+        ValueError: ``n`` is not a positive int, or ``device`` is no device.
+        TypeError: ``dtype`` is not a floating-point ``torch.dtype``.
 
     Examples:
         Damping adds $\lambda$ to every eigenvalue. Here the GGN of $\lVert Xw \rVert^2$
@@ -72,9 +85,21 @@ class IdentityOperator(Operator):
     ) -> None:
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"n: expected a positive int (the size N), got {n!r}.")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(
+                f"dtype: expected a floating-point torch.dtype such as torch.float64, got "
+                f"{dtype!r}."
+            )
+        try:
+            where = torch.device(device if device is not None else "cpu")
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(
+                f"device: expected a torch.device or a name such as 'cpu' or 'cuda:0', got "
+                f"{device!r}."
+            ) from err
         self._n: int = int(n)
         self._dtype: torch.dtype = dtype if dtype is not None else torch.get_default_dtype()
-        self._device: torch.device = torch.device(device if device is not None else "cpu")
+        self._device: torch.device = where
         self.layout: ParamLayout | None = None
 
     @classmethod
@@ -190,12 +215,16 @@ class LinearCombination(Operator):
                     "identity: hesse.IdentityOperator.like(op))."
                 )
         found = [getattr(op, "layout", None) for _, op in flat]
-        layouts = {layout.names: layout for layout in found if layout is not None}
+        layouts = {
+            (layout.names, tuple(map(tuple, layout.shapes))): layout
+            for layout in found
+            if layout is not None
+        }
         if len(layouts) > 1:
             raise ValueError(
                 "operators: built on different parameters "
-                f"({' vs '.join(str(list(names)) for names in layouts)}); add operators of one "
-                "parameter selection."
+                f"({' vs '.join(_describe(layout) for layout in layouts.values())}); add "
+                "operators of one parameter selection."
             )
         shards = {id(op.shard.group): op.shard for _, op in flat if op.shard.distributed}
         if len(shards) > 1:

@@ -22,6 +22,7 @@ from the factors and cached eigendecompositions, never from an ``N x N`` matrix.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -526,6 +527,14 @@ class KFACOperator(LayoutOperator):
                 raise ValueError(
                     f"model: the parameter(s) {missing} this operator was built on no longer "
                     "exist; build a new operator for the changed model."
+                )
+            present = {id(m) for m in self.model.modules()}
+            gone = [site.path for site in self._sites if id(site.module) not in present]
+            if gone:
+                raise ValueError(
+                    f"model: the layer(s) {gone} this operator was built on are no longer part "
+                    "of the model (replaced by other modules); build a new operator for the "
+                    "changed model."
                 )
             theta = torch.cat([named[n].detach().reshape(-1) for n in self.layout.names])
             check_finite(self.model, self.layout, theta)
@@ -1058,7 +1067,7 @@ class _ModelPoint:
 def _damping(damping: Any) -> float:
     if isinstance(damping, Tensor) and damping.numel() == 1:
         damping = damping.item()
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
         raise TypeError(f"damping: expected a number >= 0, got {type(damping).__name__}.")
     value = float(damping)
     if not (math.isfinite(value) and value >= 0):

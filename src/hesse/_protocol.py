@@ -189,6 +189,10 @@ class Operator(ABC):
         from hesse._algebra import LinearCombination, scalar
 
         c = scalar(other)
+        if c == 0:
+            raise ZeroDivisionError(
+                f"coefficient: an operator divided by 0 has no finite entries; got {other!r}."
+            )
         return NotImplemented if c is None else LinearCombination([(1.0 / c, self)])
 
     def __neg__(self) -> Any:
