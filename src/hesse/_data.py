@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from hesse._validate import normal_tensor, normalize_inputs
@@ -52,6 +53,8 @@ def model_fits(
     """
     try:
         yield
+    except torch.OutOfMemoryError:
+        raise  # the batch may fit the model, just not the device
     except (RuntimeError, IndexError) as err:
         given = _describe(batch.signature())
         raise ValueError(
