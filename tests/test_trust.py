@@ -704,9 +704,9 @@ def test_out_of_memory_is_never_a_reason_to_fall_back() -> None:
     # Nor is it data that do not fit the model: the first batch's check lets it through.
     from hesse._data import Batch, model_fits
 
-    with pytest.raises(torch.OutOfMemoryError):
-        with model_fits("data", Batch((torch.ones(2, 1),), torch.ones(2)), F64):
-            oom(torch.ones(1))
+    batch = Batch((torch.ones(2, 1),), torch.ones(2))
+    with pytest.raises(torch.OutOfMemoryError), model_fits("data", batch, F64):
+        oom(torch.ones(1))
     columns = flaky([Strategy("vectorised", fails, False), Strategy("loop", fine, True)])
     with pytest.warns(hesse.PerformanceWarning, match="batching rule not implemented"):
         assert_close(columns(torch.ones(2, dtype=F64)), torch.ones(2, dtype=F64))
