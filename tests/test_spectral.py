@@ -287,3 +287,22 @@ def test_a_zero_gradient_leaves_the_random_start() -> None:
         assert float(op._lanczos_start().abs().max()) == 0.0
     exact = torch.linalg.eigvalsh(op.to_dense())
     assert_close(hesse.eigsh(op, k=2, seed=1).eigenvalues, exact[-2:], rtol=1e-9)
+
+
+@pytest.mark.parametrize("spectrum", ["identity", "rank 4"])
+def test_spectral_density_stops_a_probe_whose_krylov_space_is_exhausted(spectrum: str) -> None:
+    # Fewer distinct eigenvalues than Lanczos steps, and a budget below N (no exact path):
+    # the residual after the last one is rounding noise, which had made Ritz values of
+    # -29..31 for the identity.
+    n = 3000
+    g = torch.Generator().manual_seed(0)
+    if spectrum == "identity":
+        a, lo, hi = torch.eye(n, dtype=F64), 1.0, 1.0
+    else:
+        u = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=F64))[0]
+        a, lo, hi = (u * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=F64)) @ u.T, 0.0, 4.0
+    density = hesse.spectral_density(a, num_probes=3, lanczos_steps=12, seed=0)
+    assert float(density.nodes.min()) >= lo - 1e-8 and float(density.nodes.max()) <= hi + 1e-8
+    assert_close(density.weights.sum(), torch.tensor(1.0, dtype=F64), rtol=1e-10)
+    mean = float((density.nodes * density.weights).sum())  # ≈ trace / N
+    assert abs(mean - float(a.trace()) / n) <= 0.1 * max(1.0, float(a.trace()) / n)

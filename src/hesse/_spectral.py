@@ -822,18 +822,30 @@ def _lanczos_probes(lin: _Linear, v: Tensor, steps: int) -> tuple[Tensor, Tensor
     alpha = torch.zeros(p, steps, dtype=lin.dtype, device=lin.device)
     beta = torch.zeros(p, max(steps - 1, 0), dtype=lin.dtype, device=lin.device)
     q = v / torch.linalg.vector_norm(v, dim=0)
+    # A probe whose Krylov space is exhausted (fewer distinct eigenvalues than steps: a low
+    # rank, the identity) has a residual of rounding noise; normalising it would invent
+    # directions, and Ritz values far outside the spectrum. It stops there: β = 0 decouples
+    # the rest of its tridiagonal, whose diagonal repeats its last α (a Rayleigh quotient,
+    # inside the spectrum) with weight 0.
+    alive = torch.ones(p, dtype=torch.bool, device=lin.device)
+    scale = torch.zeros(p, dtype=lin.dtype, device=lin.device)
+    floor = torch.finfo(lin.dtype).eps ** 0.5
     for j in range(steps):
         basis[j] = q
         w = lin.matmat(q)
-        alpha[:, j] = (q * w).sum(0)
+        a = (q * w).sum(0)
+        alpha[:, j] = a if j == 0 else torch.where(alive, a, alpha[:, j - 1])
+        scale = torch.maximum(scale, a.abs())
         for _ in range(2):  # reorthogonalise against this probe's own basis
             w = w - torch.einsum(
                 "jnp,jp->np", basis[: j + 1], torch.einsum("jnp,np->jp", basis[: j + 1], w)
             )
         if j + 1 < steps:
             b = torch.linalg.vector_norm(w, dim=0)
-            beta[:, j] = b
-            q = w / b.clamp_min(torch.finfo(lin.dtype).tiny)
+            scale = torch.maximum(scale, b)
+            alive = alive & (b > floor * scale)
+            beta[:, j] = torch.where(alive, b, torch.zeros_like(b))
+            q = torch.where(alive, w / b.clamp_min(torch.finfo(lin.dtype).tiny), 0.0)
     return alpha, beta
 
 
