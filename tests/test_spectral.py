@@ -306,3 +306,47 @@ def test_spectral_density_stops_a_probe_whose_krylov_space_is_exhausted(spectrum
     assert_close(density.weights.sum(), torch.tensor(1.0, dtype=F64), rtol=1e-10)
     mean = float((density.nodes * density.weights).sum())  # ≈ trace / N
     assert abs(mean - float(a.trace()) / n) <= 0.1 * max(1.0, float(a.trace()) / n)
+
+
+def test_operators_whose_products_are_not_finite_or_misshapen_are_named() -> None:
+    class Broken:
+        shape, dtype, device = (300, 300), F64, torch.device("cpu")
+
+        def __init__(self, fill: float, width: int | None = None) -> None:
+            self.fill, self.width = fill, width
+
+        def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+            out = v.clone()
+            out[0] = self.fill
+            return out if self.width is None else out[:, : self.width]
+
+    not_finite = "A: a product A @ V returned NaN or infinite values"
+    for call in (
+        lambda a: hesse.eigsh(a, k=1, seed=0),
+        lambda a: hesse.sharpness(a, seed=0),
+        lambda a: hesse.spectral_density(a, num_probes=2, lanczos_steps=5, seed=0),
+        lambda a: hesse.trace(a, num_matvecs=10, seed=0),
+        lambda a: hesse.diagonal(a, num_matvecs=10, seed=0),
+    ):
+        with pytest.raises(ValueError, match=not_finite):
+            call(Broken(float("nan")))
+    with pytest.raises(ValueError, match=r"A: A @ V returned shape \(300, 1\)"):
+        hesse.trace(Broken(1.0, width=1), num_matvecs=10, seed=0)
+    empty = torch.zeros(0, 0, dtype=F64)
+    with pytest.raises(ValueError, match="A: has no rows"):
+        hesse.sharpness(empty)
+    with pytest.raises(ValueError, match="A: has no rows"):
+        hesse.spectral_density(empty)
+
+
+def test_dense_hessians_name_inputs_that_do_not_fit_and_empty_outputs() -> None:
+    model = nn.Linear(2, 1).to(F64)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    with pytest.raises(
+        ValueError, match=r"inputs, target: the model and criterion fail .*\(B, 5\)"
+    ):
+        hesse.loss_hessian_matrix(model, nn.MSELoss(), x, torch.zeros(3, 1, dtype=F64))
+    with pytest.warns(UserWarning, match="zero-element"):  # torch's, at nn.Linear(3, 0)
+        no_outputs = nn.Linear(3, 0).to(F64)
+    empty = hesse.model_hessian_matrix(no_outputs, x[:, :3])
+    assert empty.shape == (3, 0, 0, 0)  # no outputs, and no parameters either

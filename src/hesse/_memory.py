@@ -162,7 +162,7 @@ def plan_chunk(
     base = ACTIVATION_FACTOR * act
     per_column = itemsize * n * (1 + 2 * lanes) + ACTIVATION_FACTOR * act
     if chunk_size is None:
-        chunk = min(n, TARGET_COLUMNS, max(8, TARGET_LANES // lanes))
+        chunk = min(n, TARGET_COLUMNS, max(8, TARGET_LANES // max(lanes, 1)))
         if budget is not None:
             fits = (budget - out_bytes - base) // max(per_column, 1)
             chunk = max(1, min(chunk, fits))

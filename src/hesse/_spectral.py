@@ -120,7 +120,19 @@ def _linear(a: Any) -> _Linear:
                 "torch.Tensor; an operator must map a tensor (N, K) to a tensor (N, K) of its "
                 "dtype on its device (convert with torch.as_tensor inside __matmul__)."
             )
-        return out.to(work)
+        if tuple(out.shape) != tuple(v.shape):
+            raise ValueError(
+                f"A: A @ V returned shape {tuple(out.shape)} for V of shape {tuple(v.shape)}; "
+                "an operator must map (N, K) to (N, K)."
+            )
+        out = out.to(work)
+        # One sum, not a pass of isfinite: NaN and infinities survive it.
+        if not bool(torch.isfinite(out.sum())):
+            raise ValueError(
+                "A: a product A @ V returned NaN or infinite values; check the operator (a "
+                "model whose loss or parameters are not finite)."
+            )
+        return out
 
     def dense() -> Tensor:
         to_dense = getattr(a, "to_dense", None)
@@ -532,17 +544,27 @@ def sharpness(A: Any, *, tol: float | None = None, seed: Seed = None) -> Tensor:
         tensor([2.])
     """
     if isinstance(A, Tensor) and (A.ndim != 2 or A.shape[-1] <= DENSE_LIMIT):
-        if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
-            raise ValueError(f"A: expected square matrices (..., N, N), got {tuple(A.shape)}.")
-        if not A.is_floating_point():
-            raise TypeError(f"A: expected floating-point matrices, got {A.dtype}.")
-        _check_symmetric(A)
-        return torch.linalg.eigvalsh(A.float() if A.dtype in _HALF else A).abs().amax(dim=-1)
+        return dense_sharpness(A)
     lin = _linear(A)
     if lin.n == 1:
         with lin.session():
             return lin.dense().abs().reshape(())
     return eigsh(A, k=1, which="LM", tol=tol, seed=seed).eigenvalues.abs()[0]
+
+
+def dense_sharpness(A: Tensor) -> Tensor:
+    """``max |λ|`` of each of the dense symmetric matrices ``(..., N, N)`` by ``eigvalsh``.
+
+    Half-precision matrices are solved in float32 (and the result is float32).
+    """
+    if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"A: expected square matrices (..., N, N), got {tuple(A.shape)}.")
+    if not A.is_floating_point():
+        raise TypeError(f"A: expected floating-point matrices, got {A.dtype}.")
+    if A.shape[-1] == 0:
+        raise ValueError("A: has no rows (N = 0), and so no eigenvalues; pass a nonempty matrix.")
+    _check_symmetric(A)
+    return torch.linalg.eigvalsh(A.float() if A.dtype in _HALF else A).abs().amax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------- trace
@@ -912,6 +934,8 @@ def spectral_density(
         (0.03, 0)
     """
     lin = _linear(A)
+    if lin.n == 0:
+        raise ValueError("A: has no rows (N = 0), and so no spectrum; pass a nonempty matrix.")
     probes = integer("num_probes", num_probes)
     steps = min(integer("lanczos_steps", lanczos_steps), lin.n)
     width = None if sigma is None else positive_float("sigma", sigma)

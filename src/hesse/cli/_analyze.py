@@ -133,7 +133,7 @@ def load_target(target: str) -> tuple[nn.Module, Any, Any]:
         listing = ", ".join(defined) if defined else "none"
         raise CommandError(f"{file} has no function {name!r} (functions defined there: {listing})")
     if not callable(func):
-        raise CommandError(f"{file}:{name} is a {type(func).__name__}, not a function")
+        raise CommandError(f"{file}:{name} is of type {type(func).__name__}, not a function")
     try:
         result = func()
     except Exception as err:

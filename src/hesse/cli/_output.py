@@ -100,6 +100,10 @@ def _move_folder(stage: Path, out: Path) -> None:
         parent = parent.parent
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        # mkdtemp made it 0700; a folder the user asked for gets the mode mkdir would give.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)
         os.rename(stage, out)
     except OSError:
         for folder in missing:  # deepest first
