@@ -373,6 +373,8 @@ class KFACOperator(LayoutOperator):
         (12.0, 1.386294)
     """
 
+    _seen: _ModelPoint  # what the factors came from, set by `refresh`
+
     def __init__(
         self,
         model: nn.Module,
@@ -429,7 +431,6 @@ class KFACOperator(LayoutOperator):
         self.factors: dict[str, tuple[Tensor | None, Tensor]] = {}
         self.num_samples = 0
         self._generation = 0  # refreshes so far: a `KFACInverse` belongs to one of them
-        self._seen = _ModelPoint.of(self)
         self.refresh()
 
     @staticmethod
