@@ -712,3 +712,34 @@ def test_out_of_memory_is_never_a_reason_to_fall_back() -> None:
     with pytest.warns(hesse.PerformanceWarning, match="batching rule not implemented"):
         assert_close(columns(torch.ones(2, dtype=F64)), torch.ones(2, dtype=F64))
     assert_close(columns(torch.zeros(2, dtype=F64)), torch.zeros(2, dtype=F64))
+
+
+class _Tempered(nn.Module):
+    """Logits divided by a learnable scalar temperature (a 0-dim parameter, like CLIP's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.temperature = nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) / self.temperature
+
+
+def test_a_zero_dim_parameter_and_uint8_class_targets() -> None:
+    # A 0-dim parameter made every call fail in ParamLayout.unflatten (view() of no sizes);
+    # uint8 class indices, which cross-entropy takes, failed in the GGN's one_hot.
+    g = torch.Generator().manual_seed(0)
+    model = _Tempered().to(F64)
+    x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randint(0, 4, (6,), generator=g)
+    crit = nn.CrossEntropyLoss()
+    expected = oracle(model, crit, [(x, y)])
+    with state_preserved(model):
+        h = hesse.HessianOperator(model, crit, (x, y))
+        assert_close(h.to_dense(), expected)
+        assert_close(h.diagonal(), expected.diagonal())
+        assert_close(hesse.loss_hessian_matrix(model, crit, x, y), expected)
+        g8 = hesse.GGNOperator(model, crit, (x, y.to(torch.uint8)))
+        g64 = hesse.GGNOperator(model, crit, (x, y))
+        assert_close(g8.to_dense(), g64.to_dense())
+        assert_close(g8.diagonal(), g64.diagonal())

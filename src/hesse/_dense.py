@@ -62,7 +62,11 @@ __all__ = [
 
 def _check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}.")
+        kind = type(value)
+        named = (
+            kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+        )
+        raise TypeError(f"{name}: expected True or False, got {named} {value!r}.")
     return value
 
 

@@ -907,7 +907,8 @@ def known_loss(criterion: Callable[..., Tensor], f: Tensor, target: Any) -> Know
     ):
         w = 1.0 / batch if reduction == "mean" else 1.0
         p = torch.softmax(f.detach(), dim=1)
-        expected_gradient = w * (p - F.one_hot(target, f.shape[1]).to(f.dtype))
+        # one_hot takes int64 only; cross-entropy also takes uint8 class indices.
+        expected_gradient = w * (p - F.one_hot(target.long(), f.shape[1]).to(f.dtype))
     elif type(criterion) is nn.MSELoss and target.shape == f.shape and f.numel() > 0:
         w = 2.0 / f.numel() if reduction == "mean" else 2.0
         expected_gradient = w * (f.detach() - target)
@@ -929,11 +930,18 @@ def check_sampled(criterion: Any) -> None:
         and criterion.label_smoothing == 0
     ) or type(criterion) is nn.MSELoss
     if not ok or getattr(criterion, "reduction", None) not in ("mean", "sum"):
+        given = repr(criterion)
+        if type(criterion) is nn.CrossEntropyLoss:  # its repr shows none of these
+            given += (
+                f" with weight={'None' if criterion.weight is None else 'a tensor'}, "
+                f"label_smoothing={criterion.label_smoothing}, "
+                f"reduction={criterion.reduction!r}"
+            )
         raise ValueError(
             f"criterion: the Monte-Carlo GGN samples labels from the model's predictive "
             f"distribution, which hesse knows for nn.CrossEntropyLoss (no class weights or "
             f"label smoothing; a categorical) and nn.MSELoss (a Gaussian), with reduction "
-            f"'mean' or 'sum'; got {criterion!r}. Use the exact diagonal() instead."
+            f"'mean' or 'sum'; got {given}. Use the exact diagonal() instead."
         )
 
 

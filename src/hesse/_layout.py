@@ -159,7 +159,8 @@ class ParamLayout:
         """
         lead = flat.shape[:-1]
         parts = flat.split(self.numels, dim=-1)
-        return {n: p.view(*lead, *s) for n, p, s in zip(self.names, parts, self.shapes)}
+        # A tuple: view(*()) would be view() for a 0-dim parameter of an unbatched vector.
+        return {n: p.view((*lead, *s)) for n, p, s in zip(self.names, parts, self.shapes)}
 
     def window(self, base: Tensor, window: builtins.slice) -> Callable[[Tensor], dict[str, Tensor]]:
         """Map ``t = base[window]``'s replacement to the blocks that overlap the window.

@@ -1250,7 +1250,9 @@ class GGNOperator(CurvatureOperator):
         estimate is unbiased and costs ``mc_samples`` backward passes per batch instead of
         one per output entry. Parameters of verified linear layers are sampled; any
         other parameter (a convolution, a norm layer) gets its exact value, a zero-variance
-        special case, at the cost of the exact diagonal.
+        special case, at the cost of the exact diagonal. So does every parameter where the
+        layer route is off (float16 and bfloat16 models, cross-entropy over outputs
+        ``(B, C, T)``): there the result is the exact diagonal, the same for every seed.
 
         Args:
             mc_samples: Labels drawn per sample, ``M >= 1``.

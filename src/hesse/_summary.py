@@ -275,7 +275,9 @@ def block_summary(
             root module's own parameters).
         num_matvecs: Products per Hutch++ trace estimate, at least 3; used only for blocks
             of more than 256 entries of an operator without an exact diagonal (a budget that
-            reaches the block's size gives its exact trace).
+            reaches the block's size gives its exact trace). With 3, Hutch++ has one probe
+            left for its residual, and such a block's ``trace_stderr`` (and the total's) is
+            NaN, as `trace` reports it; 4 or more give a standard error.
         seed: An int or a ``torch.Generator`` for the random vectors (Lanczos start vectors,
             Hutch++ probes); ``None`` draws a seed from torch's global generator.
 
