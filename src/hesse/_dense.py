@@ -766,8 +766,7 @@ def loss_sharpness(
         # the dense one (eigsh's default, √eps on the eigenvalue, left 1e-9 here).
         batch = Batch(normalize_inputs(inputs), normal_tensor(target))
         op = HessianOperator(model, criterion, batch, params, training=training)
-        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        tol = torch.finfo(work).eps ** 0.625
+        tol = torch.finfo(torch.promote_types(dtype, torch.float32)).eps ** 0.625  # half: in f32
         return sharpness(op, seed=0, tol=tol).to(dtype)  # reproducible; global RNG untouched
 
     return _run(model, build, training)
