@@ -35,8 +35,10 @@ class Batch:
         return self.inputs if self.target is None else (*self.inputs, self.target)
 
 
-def _describe(signature: tuple[Any, ...]) -> str:
+def _describe(signature: tuple[Any, ...], *, has_target: bool = True) -> str:
     parts = [f"{dtype} (B, {', '.join(map(str, shape))})" for dtype, shape, _ in signature]
+    if not has_target:
+        return "inputs [" + "; ".join(parts) + "], target None"
     return "inputs [" + "; ".join(parts[:-1]) + "], target " + parts[-1]
 
 
@@ -56,19 +58,13 @@ def model_fits(
     except torch.OutOfMemoryError:
         raise  # the batch may fit the model, just not the device
     except (RuntimeError, IndexError) as err:
-        inputs = "; ".join(f"{x.dtype} {_shape(x)}" for x in batch.inputs)
-        target = "None" if batch.target is None else f"{batch.target.dtype} {_shape(batch.target)}"
-        given = f"inputs [{inputs}], target {target}"
+        given = _describe(batch.signature(), has_target=batch.target is not None)
         raise ValueError(
             f"{name}: the model and criterion fail on {where} ({given}): "
             f"{type(err).__name__}: {err}. Check that the inputs have the model's dtype "
             f"({dtype}) and the feature shape it takes, and that the target suits the criterion "
             "(class indices as int64 for cross-entropy, the outputs' shape for MSE)."
         ) from err
-
-
-def _shape(x: Tensor) -> str:
-    return "(B, " + ", ".join(map(str, x.shape[1:])) + ")" if x.ndim else "()"
 
 
 def _batch(item: Any, index: int) -> Batch:
