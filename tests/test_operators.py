@@ -302,3 +302,30 @@ def test_one_batch_graph_is_kept_within_a_session_only() -> None:
     with two_batches.session():
         two_batches @ torch.ones(two_batches.shape[0], dtype=F64)
         assert two_batches._active is not None and two_batches._active.graph is None
+
+
+@pytest.mark.parametrize("kind", ["HessianOperator", "GGNOperator", "EmpiricalFisherOperator"])
+def test_data_that_do_not_fit_are_named_with_their_batch(kind: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    make = getattr(hesse, kind)
+    with (
+        state_preserved(model),
+        pytest.raises(
+            ValueError, match=r"data: the model and criterion fail on the first batch .*float64"
+        ),
+    ):
+        make(model, nn.CrossEntropyLoss(), (x.float(), y))
+    # Construction checks the first batch only; a later one that fails is named at its product.
+    op = make(model, nn.CrossEntropyLoss(), [(x, y), (x[:0], y[:0]), (x, y + 3)])
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    with (
+        state_preserved(model),
+        pytest.raises(
+            ValueError, match=r"data: the model and criterion fail on batch 2 .*out of bounds"
+        ) as info,
+    ):
+        op @ v
+    assert isinstance(info.value.__cause__, (IndexError, RuntimeError))  # torch's, chained

@@ -594,13 +594,14 @@ class CurvatureOperator(LayoutOperator):
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _batches(self) -> Iterator[Batch]:
+    def _batches(self) -> Iterator[tuple[int, Batch]]:
+        """The non-empty batches of one pass, with their positions in the data."""
         bar = self._state.bar
-        for batch in self.data:
+        for index, batch in enumerate(self.data):
             if bar is not None:
                 bar.update(1)
             if batch.size:  # an empty batch adds nothing (and its mean loss is NaN)
-                yield batch
+                yield index, batch
 
     def _accumulate(
         self, per_batch: Callable[[Batch], Tensor], out: Tensor | tuple[int, ...]
@@ -616,10 +617,12 @@ class CurvatureOperator(LayoutOperator):
         mean = self.reduction != "sum"
         count = batches = 0
         first: tuple[Tensor, int] | None = None
-        for batch in self._batches():
+        for index, batch in self._batches():
             count += batch.size
             batches += 1
-            part = per_batch(batch)
+            # Only the first batch was checked at construction: name the one that fails.
+            with model_fits("data", batch, self.dtype, where=f"batch {index}"):
+                part = per_batch(batch)
             if not isinstance(out, Tensor):
                 if first is None:
                     first = (part, batch.size)
@@ -666,7 +669,7 @@ class CurvatureOperator(LayoutOperator):
     def _check_deterministic(self) -> None:
         def fingerprints() -> list[tuple[float, float]]:
             prints = []
-            for batch in self._batches():
+            for _, batch in self._batches():
                 value = loss(self.criterion, self.model, None, batch.inputs, batch.target)
                 data = sum(float(x.double().sum()) for x in batch.tensors())
                 prints.append((float(value), data))
