@@ -708,6 +708,9 @@ def test_out_of_memory_is_never_a_reason_to_fall_back() -> None:
     batch = Batch((torch.ones(2, 1),), torch.ones(2))
     with pytest.raises(torch.OutOfMemoryError), model_fits("data", batch, F64):
         oom(torch.ones(1))
+    cpu = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes."
+    with pytest.raises(RuntimeError, match="can't allocate"), model_fits("data", batch, F64):
+        raise RuntimeError(cpu)  # the CPU's allocation failure is a plain RuntimeError
     columns = flaky([Strategy("vectorised", fails, False), Strategy("loop", fine, True)])
     with pytest.warns(hesse.PerformanceWarning, match="batching rule not implemented"):
         assert_close(columns(torch.ones(2, dtype=F64)), torch.ones(2, dtype=F64))

@@ -7,9 +7,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from hesse._transforms import _out_of_memory
 from hesse._validate import normal_tensor, normalize_inputs
 
 __all__ = ["Batch", "Dataset", "as_dataset", "model_fits"]
@@ -55,9 +55,9 @@ def model_fits(
     """
     try:
         yield
-    except torch.OutOfMemoryError:
-        raise  # the batch may fit the model, just not the device
     except (RuntimeError, IndexError) as err:
+        if _out_of_memory(err):  # the batch may fit the model, just not the memory
+            raise
         given = _describe(batch.signature(), has_target=batch.target is not None)
         raise ValueError(
             f"{name}: the model and criterion fail on {where} ({given}): "
