@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from cases import oracle_hessian
 from conftest import assert_close, state_preserved
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
@@ -746,3 +747,36 @@ def test_a_zero_dim_parameter_and_uint8_class_targets() -> None:
         g64 = hesse.GGNOperator(model, crit, (x, y))
         assert_close(g8.to_dense(), g64.to_dense())
         assert_close(g8.diagonal(), g64.diagonal())
+
+
+def test_the_dict_forms_of_a_zero_dim_parameter() -> None:
+    # The dict forms reshaped with reshape(*sizes): no sizes at all for a 0-dim parameter.
+    g = torch.Generator().manual_seed(0)
+    model = _Tempered().to(F64)
+    x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randint(0, 4, (6,), generator=g)
+    crit = nn.CrossEntropyLoss()
+    expected = oracle(model, crit, [(x, y)])
+    t = hesse.ParamLayout.from_module(model).slice("temperature")
+    with state_preserved(model):
+        full = hesse.loss_hessian_dict(model, crit, x, y)
+        diag = hesse.loss_hessian_dict(model, crit, x, y, diagonal_only=True)
+    assert full["temperature"]["temperature"].shape == ()
+    assert_close(full["temperature"]["temperature"], expected[t, t][0, 0])
+    assert_close(diag["temperature"]["temperature"], expected[t, t][0, 0])
+    assert full["fc.weight"]["temperature"].shape == (4, 3)
+    # The model's own Hessian at one unbatched input, its outputs summed to a scalar.
+    summed = _Summed(model)
+    out = hesse.model_hessian_dict(summed, x[0], is_batch=False)
+    t2 = hesse.ParamLayout.from_module(summed).slice("inner.temperature")
+    own = oracle_hessian(summed, lambda ps: torch.func.functional_call(summed, ps, (x[0],)))
+    assert out["inner.temperature"]["inner.temperature"].shape == ()
+    assert_close(out["inner.temperature"]["inner.temperature"], own[t2, t2][0, 0])
+
+
+class _Summed(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x).sum()

@@ -181,7 +181,7 @@ def _dict(
         return c.layout.unflatten_matrix(dense(c, c.layout, chunk_size, what))
     lead = c.lead
     return {
-        name: {name: block.reshape(*lead, *shape, *shape)}
+        name: {name: block.reshape((*lead, *shape, *shape))}
         for (name, block), shape in zip(
             _diagonal_blocks(c, chunk_size, what).items(), c.layout.shapes
         )

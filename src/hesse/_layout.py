@@ -225,7 +225,7 @@ class ParamLayout:
         lead = matrix.shape[:-2]
         return {
             p: {
-                q: matrix[..., self.slice(p), self.slice(q)].reshape(*lead, *sp, *sq)
+                q: matrix[..., self.slice(p), self.slice(q)].reshape((*lead, *sp, *sq))
                 for q, sq in zip(self.names, self.shapes)
             }
             for p, sp in zip(self.names, self.shapes)
