@@ -199,6 +199,20 @@ def test_loss_sharpness_is_matrix_free_beyond_256_parameters() -> None:
     assert math.isclose(float(value), exact, rel_tol=1e-12)
     assert value.dtype == F64 and value.shape == ()
 
+    # The target goes to the criterion as it is, on both sides of the limit: a dict here.
+    def keyed(out: Tensor, t: dict[str, Tensor]) -> Tensor:
+        return crit(out, t["y"])
+
+    assert math.isclose(
+        float(hesse.loss_sharpness(model, keyed, x, {"y": y})), exact, rel_tol=1e-12
+    )
+    v = torch.randn(dense.shape[0], dtype=F64)
+    assert_close(hesse.hvp(model, keyed, x, {"y": y}, v), dense @ v)
+    with pytest.raises(
+        ValueError, match=r"fail on the batch \(inputs \[torch.float32 .*target dict"
+    ):
+        hesse.loss_sharpness(model, keyed, x.float(), {"y": y})
+
 
 def test_model_sharpness_of_one_evaluation_is_dense_and_sharpness_keeps_half_dtypes() -> None:
     # is_batch=False with N > 256 had gone to Lanczos on the formed matrix (the global

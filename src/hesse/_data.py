@@ -18,7 +18,9 @@ __all__ = ["Batch", "Dataset", "as_dataset", "model_fits"]
 @dataclass(frozen=True)
 class Batch:
     inputs: tuple[Tensor, ...]
-    target: Tensor | None  # None only for a single batch given as such (`hvp`)
+    # A tensor in a dataset; for a single batch given as such (`hvp`, `loss_sharpness`)
+    # whatever the criterion takes as its second argument, None included.
+    target: Any
 
     @property
     def size(self) -> int:
@@ -27,16 +29,26 @@ class Batch:
 
     def signature(self) -> tuple[Any, ...]:
         """What every batch of one dataset shares: input count, dtypes and per-sample shapes."""
-        tensors = (*self.inputs, self.target) if self.target is not None else self.inputs
-        return tuple((x.dtype, tuple(x.shape[1:]), x.device) for x in tensors)
+        tensors = self.inputs if self.target is None else (*self.inputs, self.target)
+        return tuple(
+            (x.dtype, tuple(x.shape[1:]), x.device)
+            if isinstance(x, Tensor)
+            else (type(x).__name__, None, None)
+            for x in tensors
+        )
 
     def tensors(self) -> tuple[Tensor, ...]:
-        """Inputs and target: what a product over this batch depends on."""
-        return self.inputs if self.target is None else (*self.inputs, self.target)
+        """Inputs and a tensor target: what a product over this batch depends on."""
+        if isinstance(self.target, Tensor):
+            return (*self.inputs, self.target)
+        return self.inputs
 
 
 def _describe(signature: tuple[Any, ...], *, has_target: bool = True) -> str:
-    parts = [f"{dtype} (B, {', '.join(map(str, shape))})" for dtype, shape, _ in signature]
+    parts = [
+        str(dtype) if shape is None else f"{dtype} (B, {', '.join(map(str, shape))})"
+        for dtype, shape, _ in signature
+    ]
     if not has_target:
         return "inputs [" + "; ".join(parts) + "], target None"
     return "inputs [" + "; ".join(parts[:-1]) + "], target " + parts[-1]
