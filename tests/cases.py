@@ -174,6 +174,15 @@ def build_cases() -> list[Case]:
         Case("multi_input", _init(MimoModel(2), 10), (randn(2, 2), randn(2, 2)), randn(2, 4), mse),
         Case("multi_output", _init(MatrixOutput(), 11), (randn(3, 3),), randn(3, 2, 3), _sum_mse),
         Case("scalar_output", _init(ScalarOutput(), 12), (randn(4, 3),), randn(4), _sum_mse),
+        Case(  # vmap cannot batch GroupNorm's backward over probes: the fallbacks must serve
+            "groupnorm",
+            _init(
+                nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4), nn.Tanh(), nn.Linear(4, 2)), 13
+            ),
+            (randn(5, 3),),
+            torch.tensor([0, 1, 1, 0, 1]),
+            ce,
+        ),
     ]
     # Non-trivial running statistics, so that a silent update would be seen.
     bn = cases[6].model[1]

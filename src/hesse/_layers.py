@@ -466,14 +466,20 @@ def model_diagonal_blocks(
         units = _unit_probes(batch, (outputs,), f).reshape(outputs, *f.shape)
         probes = torch.cat([units, checks.reshape(-1, *f.shape)])
         first = outputs  # the row of the first check probe
-        got = torch.autograd.grad(
-            f,
-            [z for _, _, z in found] + [leaves[n] for n in names],
-            probes,
-            create_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
+        try:
+            got = torch.autograd.grad(
+                f,
+                [z for _, _, z in found] + [leaves[n] for n in names],
+                probes,
+                create_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        except (RuntimeError, NotImplementedError) as err:
+            # vmap cannot batch some layer's backward (GroupNorm's): the general path takes over.
+            if _out_of_memory(err):
+                raise
+            return {}
     by_name = {
         n: _zeros_batched(g, leaves[n], probes.shape[0])[first]
         for n, g in zip(names, got[len(found) :])
