@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -145,6 +146,49 @@ def test_model_mixing_samples_with_is_batch() -> None:
         hesse.model_hessian_matrix(BatchMean(), x)
 
 
+class _Coupled(nn.Module):
+    """BatchNorm on batch statistics; its scale zero (ResNets' zero_init_residual) hides the
+    coupling from the outputs' values, not from their derivatives."""
+
+    def __init__(self, *, zero_scale: bool, wrap: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4, track_running_stats=False)
+        self.out = nn.Linear(4, 2)
+        self.wrap = wrap
+        if zero_scale:
+            nn.init.zeros_(self.bn.weight)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        out = self.out(torch.tanh(self.bn(self.lin(x))))
+        return {"logits": out} if self.wrap else out
+
+
+@pytest.mark.parametrize("zero_scale", [False, True])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_coupling_is_refused_in_values_derivatives_and_any_output_form(
+    zero_scale: bool, wrap: bool
+) -> None:
+    torch.manual_seed(0)
+    model = _Coupled(zero_scale=zero_scale, wrap=wrap).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+
+    def crit(out: Any, t: torch.Tensor) -> torch.Tensor:
+        return ((out["logits"] if wrap else out) - t).pow(2).sum()
+
+    couples = "couples the samples of a batch"
+    with state_preserved(model), pytest.raises(ValueError, match=couples):
+        hesse.per_sample_loss_hessian(model, crit, x, y)
+    if not wrap:
+        with state_preserved(model), pytest.raises(ValueError, match=couples):
+            hesse.model_hessian_matrix(model, x)
+    with state_preserved(model), pytest.raises(ValueError, match=couples):
+        hesse.per_sample_gradients(model, crit, x, y)
+    # Without the coupling (running statistics in eval mode) the same model passes.
+    model.bn = nn.BatchNorm1d(4).double().eval()
+    assert hesse.per_sample_loss_hessian(model, crit, x, y).shape == (6, 34, 34)
+
+
 def test_per_sample_target_must_be_batched() -> None:
     model, x, y = _setup()
     with pytest.raises(ValueError, match=r"target: per-sample loss Hessians need .*\(5\)"):
@@ -185,6 +229,33 @@ def test_model_error_propagates_and_state_is_restored() -> None:
 
     model = Broken().train()
     model.lin.weight.grad = torch.ones(2, 3)
-    with state_preserved(model), pytest.raises(RuntimeError, match="size mismatch"):
+    # torch's error, chained under one that names the inputs.
+    with state_preserved(model), pytest.raises(ValueError, match="size mismatch") as info:
         hesse.model_hessian_matrix(model, torch.randn(4, 3))
+    assert isinstance(info.value.__cause__, RuntimeError)
     assert model.training and model.bn.training
+
+
+@pytest.mark.parametrize("is_batch", [True, False])
+def test_inputs_the_model_does_not_take_are_named(is_batch: bool) -> None:
+    model, x, y = _setup()
+    wide = torch.randn(x.shape[0], x.shape[1] + 1, dtype=x.dtype)
+    shape = rf"\(B, {wide.shape[1]}\)" if is_batch else rf"\({wide.shape[0]}, {wide.shape[1]}\)"
+    for call in (
+        lambda: hesse.model_hessian_matrix(model, wide, is_batch=is_batch),
+        lambda: hesse.model_hessian_dict(model, wide.double(), is_batch=is_batch),
+        lambda: hesse.model_hessian_diagonal(model, wide, is_batch=is_batch),
+        lambda: hesse.model_sharpness(model, wide, is_batch=is_batch),
+    ):
+        with (
+            state_preserved(model),
+            pytest.raises(
+                ValueError, match=r"inputs: the model fails on them \((inputs \[)?torch.float"
+            ) as info,
+        ):
+            call()
+        assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(ValueError, match=shape):
+        hesse.model_hessian_matrix(model, wide, is_batch=is_batch)
+    with pytest.raises(ValueError, match=r"inputs, target: the model and criterion fail on"):
+        hesse.per_sample_loss_hessian(model, nn.MSELoss(), wide, y)

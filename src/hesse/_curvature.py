@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
+from torch.utils._pytree import tree_leaves
 
 from hesse._functional import (
+    evaluate,
     loss,
     loss_function,
     model_function,
@@ -170,47 +172,91 @@ def sample_loss_curvature(
 
 
 def check_independent_samples(
-    model: nn.Module,
-    layout: ParamLayout,
-    args: tuple[Tensor, ...],
-    batched: Tensor,
-    sample_shape: tuple[int, ...],
-    what: str,
+    model: nn.Module, layout: ParamLayout, args: tuple[Tensor, ...], what: str
 ) -> None:
     """Refuse per-sample curvature of a model whose samples influence each other.
 
     Per-sample results evaluate each sample as a batch of one. A model that couples the samples
     of a batch (subtracts the batch mean, BatchNorm without running statistics) gives each
     sample another output alone than in the batch, and its per-sample Hessians would answer for
-    another function. Both outputs are cheap next to the Hessians: compare them.
+    another function. Every tensor of the output (a tuple or dict too) is compared, alone and
+    in the batch, and so is the gradient of a random combination ``Σ_b u_b · f_b`` of them:
+    coupling can vanish in the values at the current weights and not in the derivatives
+    (BatchNorm's scale initialised to zero, as ResNets' ``zero_init_residual`` does). One
+    forward and backward pass each way: cheap next to the Hessians.
     """
     b = args[0].shape[0]
-    theta = layout.gather(model)
-    f = sample_model_function(model, layout.unflatten, sample_shape)
-    try:
-        alone = vmap(f, in_dims=(None, *(0,) * len(args)))(theta, *args)
-    except (RuntimeError, NotImplementedError):  # not batchable over samples (nn.LSTM)
-        alone = torch.stack([f(theta, *sample) for sample in zip(*args)])
-    together = batched.reshape(b, *sample_shape)
-    if not bool(torch.isfinite(together).all()):
-        raise ValueError(
-            f"model: its output is NaN or infinite for some samples of the batch, so {what} "
-            "cannot compare each sample's output alone with its output in the batch; check the "
-            "inputs for NaN or infinite values."
-        )
-    tol = torch.finfo(together.dtype).eps ** 0.5
-    scale = max(float(together.abs().max()) if together.numel() else 0.0, 1.0)
-    gap = float((alone - together).abs().max()) if together.numel() else 0.0
-    if not gap <= tol * scale:
+    theta = layout.gather(model).detach().requires_grad_()
+
+    def alone(t: Tensor, *sample: Tensor) -> tuple[Tensor, ...]:
+        return _tensors(evaluate(model, layout.unflatten(t), tuple(x[None] for x in sample)))
+
+    with torch.enable_grad():
+        together = _tensors(evaluate(model, layout.unflatten(theta), args))
+        try:
+            each = vmap(alone, in_dims=(None, *(0,) * len(args)))(theta, *args)
+        except (RuntimeError, NotImplementedError):  # not batchable over samples (nn.LSTM)
+            rows = [alone(theta, *sample) for sample in zip(*args)]
+            each = tuple(torch.stack(parts) for parts in zip(*rows))
+        # The outputs with one row per sample both ways (a batch-level extra output has none).
+        pairs = [
+            (t.reshape(b, -1), a.reshape(b, -1))
+            for t, a in zip(together, each)
+            if t.is_floating_point() and t.ndim and t.shape[0] == b and t.numel() == a.numel()
+        ]
+        if not pairs:
+            return
+        if not all(bool(torch.isfinite(t).all()) for t, _ in pairs):
+            raise ValueError(
+                f"model: its output is NaN or infinite for some samples of the batch, so {what} "
+                "cannot compare each sample's output alone with its output in the batch; check "
+                "the inputs for NaN or infinite values."
+            )
+        gap = max(_gap(t.detach(), a.detach()) for t, a in pairs)
+        if gap <= 1:  # the values agree: compare the derivatives
+            g = torch.Generator(device="cpu").manual_seed(0)
+            weights = [
+                torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t, _ in pairs
+            ]
+            sides = [sum((w * x).sum() for w, x in zip(weights, side)) for side in zip(*pairs)]
+            grads = [_grad(side, theta) for side in sides]
+            gap = _gap(grads[0], grads[1])
+    if gap > 1:
         raise ValueError(
             f"model: {what} evaluates each sample as a batch of one, but this model's output "
-            f"for a sample alone differs from its output within the batch (by {gap:.3g}): it "
-            "couples the samples of a batch (batch statistics such as "
+            "for a sample alone differs from its output within the batch (in its values or its "
+            "derivatives): it couples the samples of a batch (batch statistics such as "
             "BatchNorm(track_running_stats=False), or an operation across dim 0) or draws random "
-            "numbers in its forward pass, so per-sample "
-            "Hessians would belong to another function. Use is_batch=False to differentiate the "
-            "batched output as one evaluation, or the loss functions for the batch loss."
+            "numbers in its forward pass, so per-sample Hessians would belong to another "
+            "function. Use is_batch=False to differentiate the batched output as one "
+            "evaluation, or the loss functions for the batch loss."
         )
+
+
+def _tensors(output: Any) -> tuple[Tensor, ...]:
+    """The tensors of a model's output (a tensor, or a tuple, list or dict of them)."""
+    return tuple(x for x in tree_leaves(output) if isinstance(x, Tensor))
+
+
+def _grad(value: Any, theta: Tensor) -> Tensor:
+    if not (isinstance(value, Tensor) and value.requires_grad):
+        return torch.zeros_like(theta)  # the outputs do not depend on the parameters
+    (g,) = torch.autograd.grad(value, theta, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(theta) if g is None else g
+
+
+def _gap(together: Tensor, alone: Tensor) -> float:
+    """``|together - alone|`` in units of ``√eps`` times their scale (at least 1).
+
+    Beyond 1, rounding does not explain it.
+    """
+    if together.numel() == 0:
+        return 0.0
+    diff = float((together - alone).abs().max())
+    if not math.isfinite(diff):  # NaN or infinite alone, finite in the batch
+        return math.inf
+    tol = torch.finfo(together.dtype).eps ** 0.5
+    return diff / (tol * max(float(together.abs().max()), float(alone.abs().max()), 1.0))
 
 
 # ----------------------------------------------------------------------- dense and diagonal

@@ -50,26 +50,48 @@ def _describe(signature: tuple[Any, ...], *, has_target: bool = True) -> str:
         for dtype, shape, _ in signature
     ]
     if not has_target:
-        return "inputs [" + "; ".join(parts) + "], target None"
+        return "inputs [" + "; ".join(parts) + "]"
     return "inputs [" + "; ".join(parts[:-1]) + "], target " + parts[-1]
 
 
 @contextmanager
 def model_fits(
-    name: str, batch: Batch, dtype: Any, *, where: str = "the first batch"
+    name: str,
+    batch: Batch,
+    dtype: Any,
+    *,
+    where: str = "the first batch",
+    criterion: bool = True,
+    batched: bool = True,
 ) -> Iterator[None]:
-    """Name the data when the model or criterion fails on ``batch`` inside torch.
+    """Name the data when the model (or its criterion) fails on ``batch`` inside torch.
 
     A mismatch of data and model (float32 inputs to a float64 model, a feature width the first
     layer does not take, int32 class indices for cross-entropy) otherwise surfaces as a
     RuntimeError deep inside the forward pass. hesse's own errors (ValueError, TypeError)
-    pass through.
+    pass through. ``criterion=False``: the model alone (the model Hessians), no target;
+    ``batched=False``: inputs without a batch dim, described by their whole shapes.
     """
     try:
         yield
     except (RuntimeError, IndexError) as err:
         if _out_of_memory(err):  # the batch may fit the model, just not the memory
             raise
+        if not criterion:
+            if batched:
+                given = _describe(batch.signature(), has_target=False)
+            else:
+                given = "; ".join(f"{x.dtype} {tuple(x.shape)}" for x in batch.inputs)
+            raise ValueError(
+                f"{name}: the model fails on {where} ({given}): {type(err).__name__}: {err}. "
+                f"Check that the inputs have the model's dtype ({dtype}) and the feature shape "
+                "it takes"
+                + (
+                    " (dim 0 is the batch; one sample is evaluated as a batch of one)."
+                    if batched
+                    else "."
+                )
+            ) from err
         given = _describe(batch.signature(), has_target=batch.target is not None)
         raise ValueError(
             f"{name}: the model and criterion fail on {where} ({given}): "

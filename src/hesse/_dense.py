@@ -77,8 +77,12 @@ def _model_curvature(
     _check_flag("is_batch", is_batch)
     layout = ParamLayout.from_module(model, params)
     check_finite(model, layout)
+    fits = model_fits(
+        "inputs", Batch(args, None), layout.dtype, where="them", criterion=False, batched=is_batch
+    )
     if not is_batch:
-        output = check_model_output(evaluate(model, None, args))
+        with fits:
+            output = check_model_output(evaluate(model, None, args))
         return model_curvature(model, layout, args, tuple(output.shape), Fallbacks())
     if training:
         raise ValueError(
@@ -87,19 +91,20 @@ def _model_curvature(
             "the batched output in train mode, or training=False."
         )
     b = batch_size(args)
-    one = check_model_output(
-        evaluate(model, None, tuple(x[:1] for x in args)), what="model (one sample)"
-    )
+    with fits:
+        one = check_model_output(
+            evaluate(model, None, tuple(x[:1] for x in args)), what="model (one sample)"
+        )
+        batched = check_model_output(evaluate(model, None, args))
     # A batch of one keeps a leading dim of size 1 unless the model flattened it away.
     sample_shape = tuple(one.shape[1:] if one.ndim and one.shape[0] == 1 else one.shape)
-    batched = check_model_output(evaluate(model, None, args))
     if batched.numel() != b * one.numel():
         raise ValueError(
             f"model: with is_batch=True each sample's output must not depend on the other samples, "
             f"but a batch of {b} gave {tuple(batched.shape)} while one sample gave "
             f"{tuple(one.shape)}; pass is_batch=False to differentiate the whole batched output."
         )
-    check_independent_samples(model, layout, args, batched, sample_shape, what)
+    check_independent_samples(model, layout, args, what)
     return sample_model_curvature(model, layout, args, sample_shape, Fallbacks())
 
 
@@ -134,12 +139,9 @@ def _sample_loss_curvature(
     layout = ParamLayout.from_module(model, params)
     check_finite(model, layout)
     first = tuple(x[:1] for x in args)
-    check_scalar_loss(loss(criterion, model, None, first, target[:1]))
-    one = evaluate(model, None, first)
-    if isinstance(one, Tensor) and one.ndim and one.shape[0] == 1:
-        batched = evaluate(model, None, args)
-        if isinstance(batched, Tensor) and batched.numel() == b * one.numel():
-            check_independent_samples(model, layout, args, batched, tuple(one.shape[1:]), what)
+    with model_fits("inputs, target", Batch(args, target), layout.dtype, where="the batch"):
+        check_scalar_loss(loss(criterion, model, None, first, target[:1]))
+        check_independent_samples(model, layout, args, what)
     return sample_loss_curvature(model, layout, criterion, args, target, Fallbacks())
 
 

@@ -1448,23 +1448,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
         super()._check_batch(batch)
         if batch.size < 2:
             return
-        one = evaluate(self.model, None, tuple(x[:1] for x in batch.inputs))
-        batched = evaluate(self.model, None, batch.inputs)
-        if (
-            isinstance(one, Tensor)
-            and isinstance(batched, Tensor)
-            and one.ndim
-            and batched.numel() == batch.size * one.numel()
-        ):
-            check_independent_samples(
-                self.model,
-                self.layout,
-                batch.inputs,
-                batched,
-                tuple(one.shape[1:]),
-                "EmpiricalFisherOperator (whose per-sample gradients per_sample_gradients and the "
-                "influence functions use)",
-            )
+        check_independent_samples(
+            self.model,
+            self.layout,
+            batch.inputs,
+            "EmpiricalFisherOperator (whose per-sample gradients per_sample_gradients and the "
+            "influence functions use)",
+        )
 
     def _per_sample_gradients(self, batch: Batch) -> Tensor:
         g = sample_loss_function(self.model, self.layout.unflatten, self.criterion)
