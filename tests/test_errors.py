@@ -189,6 +189,21 @@ def test_coupling_is_refused_in_values_derivatives_and_any_output_form(
     assert hesse.per_sample_loss_hessian(model, crit, x, y).shape == (6, 34, 34)
 
 
+def test_a_loss_class_and_a_numpy_target_are_named() -> None:
+    model, x, y = _setup()
+    with pytest.raises(TypeError, match=r"criterion: .* the class MSELoss itself; .* MSELoss\(\)"):
+        hesse.loss_hessian_matrix(model, nn.MSELoss, x, y)
+    np = pytest.importorskip("numpy")
+    assert isinstance(y.numpy(), np.ndarray)
+    for call in (
+        lambda: hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y.numpy()),
+        lambda: hesse.per_sample_loss_hessian(model, nn.MSELoss(), x, y.numpy()),
+        lambda: hesse.hvp(model, nn.MSELoss(), x, y.numpy(), torch.zeros(26, dtype=x.dtype)),
+    ):
+        with pytest.raises(TypeError, match=r"target: .* numpy.ndarray; .* torch.as_tensor"):
+            call()
+
+
 def test_per_sample_target_must_be_batched() -> None:
     model, x, y = _setup()
     with pytest.raises(ValueError, match=r"target: per-sample loss Hessians need .*\(5\)"):

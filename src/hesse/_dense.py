@@ -43,7 +43,7 @@ from hesse._validate import (
     check_model_output,
     check_nonempty,
     check_scalar_loss,
-    normal_tensor,
+    normal_target,
     normalize_inputs,
 )
 
@@ -113,7 +113,7 @@ def _loss_curvature(
 ) -> Curvature:
     check_criterion(criterion)
     args = normalize_inputs(inputs)
-    target = normal_tensor(target)
+    target = normal_target(target)
     check_nonempty(args)
     layout = ParamLayout.from_module(model, params)
     check_finite(model, layout)
@@ -128,7 +128,7 @@ def _sample_loss_curvature(
 ) -> Curvature:
     check_criterion(criterion)
     args = normalize_inputs(inputs)
-    target = normal_tensor(target)
+    target = normal_target(target)
     b = batch_size(args)
     if not isinstance(target, Tensor) or target.ndim == 0 or target.shape[0] != b:
         given = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
@@ -766,7 +766,7 @@ def loss_sharpness(
         # Matrix-free: Lanczos on products, far cheaper than forming N x N and solving it. A
         # residual of eps^0.625 (1.6e-10 in float64) puts the eigenvalue within about eps of
         # the dense one (eigsh's default, √eps on the eigenvalue, left 1e-9 here).
-        batch = Batch(normalize_inputs(inputs), normal_tensor(target))
+        batch = Batch(normalize_inputs(inputs), normal_target(target))
         op = HessianOperator(model, criterion, batch, params, training=training)
         tol = torch.finfo(torch.promote_types(dtype, torch.float32)).eps ** 0.625  # half: in f32
         return sharpness(op, seed=0, tol=tol).to(dtype)  # reproducible; global RNG untouched

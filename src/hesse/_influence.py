@@ -53,7 +53,7 @@ from hesse._validate import (
     check_chunk_size,
     check_criterion,
     check_model,
-    normal_tensor,
+    normal_target,
     normalize_inputs,
 )
 
@@ -297,7 +297,7 @@ def per_sample_gradients(
     chunk_size = check_chunk_size(chunk_size)
     with torch.inference_mode(False):
         args = normalize_inputs(inputs)
-        target = normal_tensor(target)
+        target = normal_target(target)
     b = batch_size(args)
     if not isinstance(target, Tensor) or target.ndim == 0 or target.shape[0] != b:
         given = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__

@@ -56,7 +56,7 @@ from hesse._validate import (
     check_scalar_loss,
     check_seed,
     integer,
-    normal_tensor,
+    normal_target,
     normalize_inputs,
 )
 
@@ -1571,5 +1571,5 @@ def hvp(
     """
     # One batch: weight 1 for either reduction, so the product is the batch loss's Hessian.
     with torch.inference_mode(False):
-        batch = Batch(normalize_inputs(inputs), normal_tensor(target))
+        batch = Batch(normalize_inputs(inputs), normal_target(target))
     return HessianOperator(model, criterion, batch, params, training=training) @ vector

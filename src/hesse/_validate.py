@@ -44,6 +44,11 @@ def check_model(model: Any) -> nn.Module:
 
 
 def check_criterion(criterion: Any) -> Callable[..., Tensor]:
+    if isinstance(criterion, type):
+        raise TypeError(
+            f"criterion: expected a loss to call, got the class {criterion.__name__} itself; "
+            f"pass an instance such as {criterion.__name__}()."
+        )
     if not callable(criterion):
         raise TypeError(
             f"criterion: expected a callable loss such as torch.nn.MSELoss(), got "
@@ -81,6 +86,19 @@ def normal_tensor(x: Any) -> Any:
     if isinstance(x, Tensor) and x.is_inference():
         return x.clone()
     return x
+
+
+def normal_target(target: Any) -> Any:
+    """The target as the criterion gets it (see `normal_tensor`), but never a NumPy array.
+
+    torch's losses and hesse's per-sample transforms cannot take one.
+    """
+    if type(target).__module__ == "numpy" and hasattr(target, "__array__"):
+        raise TypeError(
+            f"target: expected a torch.Tensor (or whatever your criterion takes), got "
+            f"numpy.{type(target).__name__}; convert it with torch.as_tensor(target)."
+        )
+    return normal_tensor(target)
 
 
 def check_nonempty(inputs: tuple[Tensor, ...]) -> None:
