@@ -102,6 +102,32 @@ def test_minres_solves_an_indefinite_system_and_its_residual_never_grows() -> No
     torch.testing.assert_close(true, history[-1], rtol=1e-4, atol=1e-13)
 
 
+@pytest.mark.parametrize("signs", ["semidefinite", "indefinite"])
+def test_minres_on_a_singular_system_without_a_solution_stops_at_least_squares(
+    signs: str,
+) -> None:
+    # Rank n - 3 and b with a part in the null space: no x solves it; the least-squares
+    # residual is the floor. MINRES divided by a pivot of rounding noise there (x ~ 1e16).
+    values = torch.linspace(1, 2, 27, dtype=DTYPE)
+    if signs == "indefinite":
+        values[::2] *= -1
+    a = _symmetric(torch.cat([values, torch.zeros(3, dtype=DTYPE)]), seed=3)
+    b = _rhs(30, 2)
+    result = hesse.solve(a, b, method="minres")
+    floor = torch.linalg.vector_norm(b - a @ torch.linalg.lstsq(a, b).solution, dim=0) / b.norm(
+        dim=0
+    )
+    assert not bool(result.converged.any())
+    history = result.residual_norms
+    assert bool((history[1:] <= history[:-1] * (1 + 1e-10) + 1e-15).all())
+    true = torch.linalg.vector_norm(b - a @ result.solution, dim=0) / b.norm(dim=0)
+    torch.testing.assert_close(true, history[-1], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(true, floor, rtol=1e-8, atol=1e-12)
+    # x stays the size of the least-squares solution (that of minimum norm: 3 or so here).
+    assert float(result.solution.norm()) < 10 * float((torch.linalg.pinv(a) @ b).norm())
+    assert result.residual_norms.shape[0] < 60  # stopped, not run to max_iter
+
+
 def test_cg_refuses_negative_curvature_and_names_minres_and_the_damping() -> None:
     a, b = _indefinite(), _rhs(30)
     lambda_min = float(torch.linalg.eigvalsh(a)[0])

@@ -661,7 +661,6 @@ def _minres(
     (``(A + λI)w`` follows the same recurrence as the direction ``w``).
     """
     eps = torch.finfo(x.dtype).eps
-    tiny = torch.finfo(x.dtype).tiny
     y = system.precondition(r)
     beta_sq = _dot(r, y)
     if system.prec is not None:
@@ -694,10 +693,17 @@ def _minres(
         gbar = sn * dbar - cs * alpha
         epsilon = sn * beta
         dbar = -cs * beta
-        gamma = torch.hypot(gbar, beta).clamp_min(eps)
+        # ‖(A + λI) r‖ / (‖A + λI‖ ‖r‖) for the residual before this step (Paige & Saunders'
+        # test 2): at or below tol, x is a least-squares solution of a singular system with no
+        # exact one. Such a column stops without the step, whose pivot gamma would be rounding
+        # noise (dividing by it sent x to 1e16).
+        assert system.norm_estimate is not None
+        size = system.norm_estimate.to(x.dtype)
+        least_squares = torch.hypot(gbar, dbar) <= tol * size
+        gamma = torch.hypot(gbar, beta).clamp_min(eps * size)
         cs, sn = gbar / gamma, beta / gamma
-        phi = cs * phibar
-        phibar = sn * phibar
+        phi = torch.where(least_squares, torch.zeros_like(phibar), cs * phibar)
+        phibar = torch.where(least_squares, phibar, sn * phibar)
         w1, w2 = w2, w
         w = (v - w1 * old_epsilon - w2 * delta) / gamma
         aw1, aw2 = aw2, aw
@@ -707,8 +713,9 @@ def _minres(
         rel = _norm(r) / denom
         cols.record(rel)
         done = rel <= tol
-        # beta = 0: the Krylov space is exhausted; a column not converged then never will.
-        stopped = ~done & (beta <= tiny)
+        # beta at the level of rounding: the Krylov space is exhausted; a column not converged
+        # then never will.
+        stopped = ~done & ((beta <= eps * size) | least_squares)
         bad, leaving = _flags(~torch.isfinite(rel), done | stopped)
         if bad:
             raise system.not_finite()
