@@ -292,8 +292,23 @@ def test_an_unconverged_solve_is_an_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(hesse._solve, "_default_max_iter", lambda method, n: 2)
     with pytest.raises(RuntimeError, match="influence_scores: cg did not reach"):
         hesse.influence_scores(model, criterion, (x, y), (xt, yt), damping=1e-3)
-    with pytest.raises(RuntimeError, match="self_influence: cg did not reach"):
+    with pytest.raises(RuntimeError, match="self_influence: cg did not reach") as info:
         hesse.self_influence(model, criterion, (x, y), damping=1e-3)
+    # The advice names only what these functions take: no max_iter, no preconditioner.
+    text = str(info.value)
+    assert "Loosen tol" in text and "damping" in text
+    assert "max_iter" not in text and "preconditioner" not in text
+    with pytest.raises(RuntimeError, match=r"lissa did not reach .*use method='cg'") as info:
+        hesse.self_influence(model, criterion, (x, y), damping=1e-3, method="lissa")
+    assert "preconditioner" not in str(info.value)
+
+
+def test_a_singular_curvature_is_named_with_the_damping_it_needs() -> None:
+    # Zero damping on a GGN of rank below N: CG meets a flat direction. The error names the
+    # argument (curvature, not solve's A) and asks for damping > 0, not a negative one.
+    model, criterion, x, y, xt, yt = _problem("ce")
+    with pytest.raises(ValueError, match=r"^curvature: CG met a flat direction.*damping > 0"):
+        hesse.influence_scores(model, criterion, (x, y), (xt, yt), damping=0.0)
 
 
 def test_influence_bad_arguments() -> None:

@@ -40,6 +40,7 @@ from hesse._protocol import Operator
 from hesse._solve import (
     Method,
     SolveResult,
+    _renamed,
     check_damping,
     check_method,
     check_solve_tol,
@@ -369,10 +370,13 @@ def _checked_solve(
 ) -> Tensor:
     if isinstance(C, KFACOperator):  # exact for the approximation: no iterative solve
         return (C.inverse(damping) @ rhs).to(rhs.dtype)
-    result: SolveResult = solve(C, rhs, damping=damping, method=method, tol=tol)  # type: ignore[arg-type]
+    try:
+        result: SolveResult = solve(C, rhs, damping=damping, method=method, tol=tol)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise _renamed(err, "curvature") from err  # `solve`'s A is the curvature here
     if not bool(result.converged.all()):
         used = tol if tol is not None else default_tol(result.solution.dtype)
-        raise unconverged_error(what, result, method, used)
+        raise unconverged_error(what, result, method, used, options=False)
     return result.solution.to(rhs.dtype)
 
 

@@ -635,6 +635,14 @@ def _curvature_error(
     curvature: float, relation: str, where: str, rayleigh: float, damping: float
 ) -> ValueError:
     bound = rayleigh - damping  # λ_min(A) <= the Rayleigh quotient of A along p
+    if curvature > 0 or bound >= 0:  # singular in this precision: no damping bound to give
+        return ValueError(
+            f"A: CG met a flat direction, pᵀ(A + λI)p = {curvature:.3g} {relation} ({where}): "
+            f"A + λI with damping={damping:g} is singular to working precision, and CG's "
+            "answer would be wrong. Pass a damping > 0 (1e-3 times the top eigenvalue, "
+            "hesse.eigsh(A, k=1), makes a condition of about 1,000), or use method='minres', "
+            "which returns a least-squares solution of a singular system."
+        )
     return ValueError(
         f"A: CG met negative curvature, pᵀ(A + λI)p = {curvature:.3g} {relation} ({where}): "
         f"A + λI with damping={damping:g} is not positive definite, and CG's answer would be "
@@ -971,18 +979,36 @@ def solve(
     return SolveResult(solution, history, converged, matvecs)
 
 
-def unconverged_error(what: str, result: SolveResult, method: str, tol: float) -> RuntimeError:
-    """The error for a solve whose answer would be used as if it were exact."""
+def unconverged_error(
+    what: str, result: SolveResult, method: str, tol: float, *, options: bool = True
+) -> RuntimeError:
+    """The error for a solve whose answer would be used as if it were exact.
+
+    ``options``: whether the caller takes ``max_iter`` and ``preconditioner`` (`solve` and
+    `InverseOperator` do; the influence functions do not): the advice names only what the
+    caller can change.
+    """
     flags = result.converged.reshape(-1)
     reached = result.residual_norms.reshape(result.residual_norms.shape[0], -1)[-1]
     missed = int((~flags).sum())
     iterations = result.residual_norms.shape[0] - 1
+    fixes = ["raise max_iter"] if options else []
+    fixes += [
+        "loosen tol",
+        "increase damping (a better-conditioned system; a singular one needs damping > 0)",
+    ]
+    if method == "lissa":
+        fixes.append(
+            "use method='cg' (or 'minres' for an indefinite A), far fewer products than LiSSA"
+        )
+    elif options:
+        fixes.append("pass a preconditioner")
+    advice = ", ".join(fixes[:-1]) + " or " + fixes[-1]
     return RuntimeError(
         f"{what}: {method} did not reach the relative residual tol={tol:.3g} for {missed} of "
         f"{flags.numel()} right-hand sides in {iterations} iterations (worst "
-        f"{float(reached[~flags].max()):.3g}), so the result would not be (A + λI)⁻¹ v. Raise "
-        "max_iter, loosen tol, increase damping (a better-conditioned system) or pass a "
-        "preconditioner."
+        f"{float(reached[~flags].max()):.3g}), so the result would not be (A + λI)⁻¹ v. "
+        f"{advice[0].upper()}{advice[1:]}."
     )
 
 
