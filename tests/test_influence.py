@@ -392,6 +392,20 @@ def test_data_that_does_not_fit_the_model_is_named() -> None:
             hesse.self_influence(model, criterion, (x.float(), y), damping=0.1)
         with pytest.raises(ValueError, match=rf"inputs, target: {fails} .*torch.float32"):
             hesse.per_sample_gradients(model, criterion, x.float(), y)
+    # Only the first batch is checked up front; a later one is named by its argument and place.
+    good, bad = (x[:4], y[:4]), (x[4:], y[4:] + 3)  # class indices past the 3 classes
+    later = "the model and criterion fail on batch 1"
+    with state_preserved(model):
+        with pytest.raises(ValueError, match=rf"^test_data: {later}"):
+            hesse.influence_scores(model, criterion, (x, y), [good, bad], damping=0.1)
+        with pytest.raises(ValueError, match=rf"^train_data: {later}"):
+            hesse.influence_scores(model, criterion, [good, bad], (xt, yt), damping=0.1)
+        with pytest.raises(ValueError, match=rf"^train_data: {later}"):
+            hesse.influence_scores(
+                model, criterion, [good, bad], (xt, yt), damping=0.1, curvature="fisher"
+            )
+        with pytest.raises(ValueError, match=rf"^data: {later}"):
+            hesse.self_influence(model, criterion, [good, bad], damping=0.1)
 
 
 def test_samples_that_are_not_finite_are_named() -> None:

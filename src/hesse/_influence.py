@@ -207,26 +207,29 @@ class _Gradients:
         return chunk
 
     def chunks(
-        self, batch: Batch, chunk: int, finite: str | None = None
+        self, batch: Batch, chunk: int, finite: str | None = None, index: int | None = None
     ) -> Iterator[tuple[int, Tensor]]:
         """``(start, (k, N) gradients)`` of ``batch``'s samples, ``chunk`` at a time.
 
         ``finite``: the data's argument name, to refuse gradients that are not finite (they
-        would make every score they meet NaN).
+        would make every score they meet NaN) and to name data the model fails on; ``index``:
+        the batch's position in them.
         """
         assert batch.target is not None
+        which = "a batch" if index is None else f"batch {index}"
         for start in range(0, batch.size, chunk):
             part = Batch(
                 tuple(x[start : start + chunk] for x in batch.inputs),
                 batch.target[start : start + chunk],
             )
-            g = self.op._per_sample_gradients(part)
+            with model_fits(finite or "data", batch, self.layout.dtype, where=which):
+                g = self.op._per_sample_gradients(part)
             if finite is not None:
                 bad = (~torch.isfinite(g).all(1)).nonzero()
                 if bad.numel():
                     raise ValueError(
-                        f"{finite}: the loss gradient of sample {start + int(bad[0, 0])} of a "
-                        "batch is NaN or infinite; check its inputs and target for NaN or "
+                        f"{finite}: the loss gradient of sample {start + int(bad[0, 0])} of "
+                        f"{which} is NaN or infinite; check its inputs and target for NaN or "
                         "infinite values."
                     )
             yield start, g
@@ -362,6 +365,7 @@ def _curvature(
 
 def _checked_solve(
     what: str,
+    data: str,
     C: Any,  # noqa: N803
     rhs: Tensor,
     damping: float,
@@ -373,7 +377,8 @@ def _checked_solve(
     try:
         result: SolveResult = solve(C, rhs, damping=damping, method=method, tol=tol)  # type: ignore[arg-type]
     except ValueError as err:
-        raise _renamed(err, "curvature") from err  # `solve`'s A is the curvature here
+        # `solve`'s A is the curvature here, and the operator's data the training data.
+        raise _renamed(_renamed(err, "curvature"), data, old="data") from err
     if not bool(result.converged.all()):
         used = tol if tol is not None else default_tol(result.solution.dtype)
         raise unconverged_error(what, result, method, used, options=False)
@@ -515,19 +520,21 @@ def influence_scores(
         test_grads = torch.cat(
             [
                 g
-                for batch in test
+                for index, batch in enumerate(test)
                 if batch.size
-                for _, g in grads.chunks(batch, chunk, finite="test_data")
+                for _, g in grads.chunks(batch, chunk, "test_data", index)
             ]
         )
-        solved = _checked_solve("influence_scores", C, test_grads.T.contiguous(), lam, how, tol)
+        solved = _checked_solve(
+            "influence_scores", "train_data", C, test_grads.T.contiguous(), lam, how, tol
+        )
         del test_grads
         columns: list[Tensor] = []
         bar = _bar(progress, train.num_batches, "influence_scores: training gradients")
         try:
-            for batch in train:
+            for index, batch in enumerate(train):
                 if batch.size:
-                    parts = grads.chunks(batch, chunk, finite="train_data")
+                    parts = grads.chunks(batch, chunk, "train_data", index)
                     columns.extend(g @ solved for _, g in parts)
                 if bar is not None:
                     bar.update(1)
@@ -621,9 +628,9 @@ def self_influence(
             stack.enter_context(C.session())  # one session for every solve of this call
         bar = _bar(progress, train.num_batches, "self_influence")
         try:
-            for batch in train:
-                for _, g in grads.chunks(batch, chunk, finite="data") if batch.size else ():
-                    x = _checked_solve("self_influence", C, g.T.contiguous(), lam, how, tol)
+            for index, batch in enumerate(train):
+                for _, g in grads.chunks(batch, chunk, "data", index) if batch.size else ():
+                    x = _checked_solve("self_influence", "data", C, g.T.contiguous(), lam, how, tol)
                     out.append((g.T * x).sum(0))
                 if bar is not None:
                     bar.update(1)

@@ -97,11 +97,11 @@ class SolveResult:
 # ------------------------------------------------------------------------------ validation
 
 
-def _renamed(err: Exception, name: str) -> Exception:
-    """``_linear``'s error about ``A``, said about the argument ``name`` instead."""
+def _renamed(err: Exception, name: str, old: str = "A") -> Exception:
+    """An error about the argument ``old`` (``_linear``'s ``A``), said about ``name`` instead."""
     text = str(err)
-    if text.startswith("A:"):
-        text = f"{name}:{text[2:]}"
+    if text.startswith(f"{old}:"):
+        text = f"{name}:{text[len(old) + 1 :]}"
     return type(err)(text)
 
 
@@ -299,7 +299,7 @@ class _System:
     def not_finite() -> ValueError:
         return ValueError(
             "A: a product A @ V returned NaN or infinite values; check the operator (a model "
-            "whose loss or parameters are not finite)."
+            "whose loss or parameters are not finite, or data with NaN or infinite values)."
         )
 
     def precondition(self, r: Tensor) -> Tensor:

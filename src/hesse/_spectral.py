@@ -130,7 +130,8 @@ def _linear(a: Any) -> _Linear:
         if not bool(torch.isfinite(out.sum())):
             raise ValueError(
                 "A: a product A @ V returned NaN or infinite values; check the operator (a "
-                "model whose loss or parameters are not finite)."
+                "model whose loss or parameters are not finite, or data with NaN or infinite "
+                "values)."
             )
         return out
 
