@@ -62,6 +62,12 @@ def empty():
 
 def raises():
     raise RuntimeError("boom")
+
+
+def nan_data():  # N = 43: the dense matrix's entries are NaN
+    x, y = data()
+    x[0, 0] = float("nan")
+    return model(4), nn.CrossEntropyLoss(), (x, y)
 """
 
 
@@ -466,6 +472,8 @@ ERRORS = [
         "--per-layer-by: needs --per-layer",
     ),
     (["analyze", "{file}:tiny", "--per-layer", "--per-layer-by", "layer"], 2, "invalid choice"),
+    (["analyze", "{file}:tiny", "--seed", str(2**64)], 2, "--seed: expected an integer in"),
+    (["analyze", "{file}:nan_data"], 1, "NaN or infinite entries: check the data"),
 ]
 
 

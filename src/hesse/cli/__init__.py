@@ -81,6 +81,14 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    """A seed torch's generators take: an integer in [-2**63, 2**64)."""
+    value = _integer(text)
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [-2**63, 2**64), got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hesse",
@@ -173,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
         "Fisher (default: %(default)s)",
     )
     analyze.add_argument(
-        "--seed", type=_integer, default=0, help="seed of the random vectors (default: 0)"
+        "--seed", type=_seed, default=0, help="seed of the random vectors (default: 0)"
     )
     analyze.add_argument("--no-progress", action="store_true", help="no progress bars")
     analyze.add_argument(

@@ -245,6 +245,12 @@ class _Counted(Operator):
     def to_dense(self) -> Tensor:
         out = self.op.to_dense()
         self._advance(self.op.shape[0])
+        if not bool(torch.isfinite(out).all()):
+            # What the products meet past N = 256, said here too (not as eigsh's argument A).
+            raise CommandError(
+                "the curvature matrix has NaN or infinite entries: check the data for NaN or "
+                "infinite values and that the model's loss and parameters are finite"
+            )
         return out
 
     def diagonal(self) -> Tensor:
