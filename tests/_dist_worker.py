@@ -80,6 +80,14 @@ def run(rank: int) -> dict[str, Any]:
             "mismatch",
             lambda: hesse.HessianOperator(model, ce, data, params=None if rank == 0 else "2.*"),
         ),
+        (  # the same N under other names (one rank's model wrapped, as DDP's "module."):
+            "same_n",  # the parameters may differ too, and their sums would mean nothing
+            lambda: hesse.HessianOperator(model if rank == 0 else nn.Sequential(model), ce, data),
+        ),
+        (  # the factors' all-reduces would stop midway (gloo aborted the process)
+            "kfac_mismatch",
+            lambda: hesse.KFACOperator(model, ce, data, params=None if rank == 0 else "2.*"),
+        ),
     ):
         try:
             build()

@@ -72,6 +72,8 @@ def test_local_operator_and_errors(ranks: list[dict[str, Any]]) -> None:
         assert "data: rank(s) [1] of 2 hold no samples" in r["empty"]
         assert "model: the ranks disagree on the selected parameters" in r["mismatch"]
         assert "rank 1: N = 75" in r["mismatch"]
+        assert "but other parameter names or shapes" in r["same_n"]
+        assert "rank 1: N = 75" in r["kfac_mismatch"]
 
 
 def test_without_a_process_group() -> None:

@@ -9,14 +9,18 @@ the same result.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Shard", "global_seed", "resolve_shard"]
+if TYPE_CHECKING:
+    from hesse._layout import ParamLayout
+
+__all__ = ["Shard", "agree_on_parameters", "global_seed", "resolve_shard"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +102,35 @@ def resolve_shard(process_group: Any, distributed: bool | None, device: torch.de
         world_size=dist.get_world_size(group),
         device=comm_device,
     )
+
+
+def agree_on_parameters(
+    shard: Shard, layout: ParamLayout, samples: int, options: str = ""
+) -> list[int]:
+    """Every rank's ``samples``, once all selected the same parameters: else the same error.
+
+    The ranks compare their count ``N``, and a checksum of the parameters' names, shapes and
+    dtype and of ``options`` (settings that change the layout of what is all-reduced): the
+    same ``N`` from other parameters would sum unrelated numbers; another size would stop a
+    collective midway. One all-gather of four integers.
+    """
+    described = ";".join(f"{n}:{tuple(s)}" for n, s in zip(layout.names, layout.shapes))
+    code = zlib.crc32(f"{described}|{layout.dtype}|{options}".encode())
+    dtype = _DTYPES.index(layout.dtype) if layout.dtype in _DTYPES else -1
+    ranks = shard.gather([samples, layout.numel, code, dtype])
+    if len({(n, c) for _, n, c, _ in ranks}) > 1:
+        found = ", ".join(
+            f"rank {r}: N = {n}, {_DTYPES[d] if d >= 0 else 'another dtype'}"
+            for r, (_, n, _, d) in enumerate(ranks)
+        )
+        same = len({(n, d) for _, n, _, d in ranks}) == 1
+        detail = f"{found}, but other parameter names or shapes" if same else found
+        raise ValueError(
+            f"model: the ranks disagree on the selected parameters ({detail}); every rank must "
+            "build the same model with the same params=, dtype and options."
+        )
+    return [count for count, _, _, _ in ranks]
+
+
+# The parameters' dtypes a message can name (the all-gather sends integers).
+_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]

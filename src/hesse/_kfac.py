@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from hesse._data import Batch, Dataset, as_dataset, model_fits
-from hesse._distributed import resolve_shard
+from hesse._distributed import agree_on_parameters, resolve_shard
 from hesse._functional import criterion_loss, evaluate
 from hesse._layers import Record, _batched_grad, recording
 from hesse._layout import ParamLayout, Params
@@ -418,6 +418,9 @@ class KFACOperator(LayoutOperator):
         self.separate_weight_and_bias = separate_weight_and_bias
         self.layout = ParamLayout.from_module(model, params)
         self._shard = resolve_shard(process_group, distributed, self.layout.device)
+        # The factors' all-reduces need the same layers on every rank: checked before any.
+        options = f"{fisher_type}|{kfac_approx}|{separate_weight_and_bias}"
+        agree_on_parameters(self._shard, self.layout, 0, options)
         self._sites = _sites(model, self.layout, joint=not separate_weight_and_bias)
         self._blocks = _blocks(self._sites, self.layout)
         with torch.inference_mode(False):

@@ -29,7 +29,7 @@ from hesse._chain import ChainProducts, chain_products
 from hesse._compat import load_forward_ad
 from hesse._curvature import check_independent_samples, dense, diagonal, loss_curvature
 from hesse._data import Batch, Dataset, as_dataset, model_fits
-from hesse._distributed import global_seed, resolve_shard
+from hesse._distributed import agree_on_parameters, global_seed, resolve_shard
 from hesse._functional import criterion_loss, evaluate, loss, sample_loss_function
 from hesse._layers import (
     Factor,
@@ -70,7 +70,6 @@ __all__ = [
 
 # "batchmean" (nn.KLDivLoss) divides the summed loss by the batch size: the mean over samples.
 _REDUCTIONS = ("mean", "sum", "batchmean")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _reduction(criterion: Any, reduction: str | None) -> str:
@@ -245,27 +244,15 @@ class CurvatureOperator(LayoutOperator):
 
     def _agree_across_ranks(self) -> int:
         """The global sample count; every rank fails alike on an empty or mismatched shard."""
-        dtype_code = list(_DTYPES).index(self.dtype) if self.dtype in _DTYPES else -1
-        mine = [self.data.num_samples, self.layout.numel, dtype_code]
-        ranks = self.shard.gather(mine)
-        empty = [r for r, (count, _, _) in enumerate(ranks) if count == 0]
+        counts = agree_on_parameters(self.shard, self.layout, self.data.num_samples)
+        empty = [r for r, count in enumerate(counts) if count == 0]
         if empty:
             raise ValueError(
-                f"data: rank(s) {empty} of {len(ranks)} hold no samples; give every rank a "
+                f"data: rank(s) {empty} of {len(counts)} hold no samples; give every rank a "
                 "non-empty shard (e.g. a DistributedSampler over a dataset with at least one "
                 "sample per rank)."
             )
-        layouts = {(n, d) for _, n, d in ranks}
-        if len(layouts) > 1:
-            found = ", ".join(
-                f"rank {r}: N = {n}, {_DTYPES[d] if d >= 0 else 'other dtype'}"
-                for r, (_, n, d) in enumerate(ranks)
-            )
-            raise ValueError(
-                f"model: the ranks disagree on the selected parameters ({found}); every rank "
-                "must build the same model with the same params= and dtype."
-            )
-        return sum(count for count, _, _ in ranks)
+        return sum(counts)
 
     # -- what it is (shape, dtype, device, shard, param_names: `LayoutOperator`) -------------
 
