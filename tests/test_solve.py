@@ -128,6 +128,27 @@ def test_minres_on_a_singular_system_without_a_solution_stops_at_least_squares(
     assert result.residual_norms.shape[0] < 60  # stopped, not run to max_iter
 
 
+def test_minres_least_squares_stop_spares_solvable_and_preconditioned_systems() -> None:
+    # The stop must not fire on a residual that just fell onto a tiny eigenvalue (its answer
+    # is a step away), nor compare a preconditioned operator's scale with A's.
+    values = torch.ones(50, dtype=DTYPE)
+    values[-1] = 1e-7
+    a, b = _symmetric(values, seed=4), _rhs(50, 2)
+    result = hesse.solve(a, b, method="minres")
+    assert bool(result.converged.all())
+    _close(result.solution, _exact(a, b, 0.0), 1e-6)
+    scaled = 1e6 * _symmetric(torch.logspace(0, 1, 30, dtype=DTYPE), seed=5)
+    jacobi = 1 / scaled.diagonal()
+    result = hesse.solve(scaled, _rhs(30), method="minres", preconditioner=jacobi)
+    assert bool(result.converged) and result.residual_norms.shape[0] < 40
+
+
+def test_cg_with_negative_damping_reports_negative_curvature_and_its_bound() -> None:
+    a = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DTYPE))
+    with pytest.raises(ValueError, match=r"negative curvature.*a damping above -1\.\d+ at least"):
+        hesse.solve(a, torch.tensor([1.0, 1.0, 0.1, 0.1], dtype=DTYPE), damping=-2.5)
+
+
 def test_cg_refuses_negative_curvature_and_names_minres_and_the_damping() -> None:
     a, b = _indefinite(), _rhs(30)
     lambda_min = float(torch.linalg.eigvalsh(a)[0])

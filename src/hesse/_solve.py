@@ -325,18 +325,27 @@ class _Columns:
         self.history = [rel.clone()]
         self.active = torch.arange(x.shape[1], device=x.device)
         self.converged = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+        # Stopped where no restart can help (MINRES at a least-squares solution).
+        self.final = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
 
     def record(self, rel: Tensor) -> None:
         row = self.history[-1].clone()
         row[self.active] = rel
         self.history.append(row)
 
-    def retire(self, x: Tensor, done: Tensor, stopped: Tensor | None = None) -> Tensor:
-        """Store the finished columns (``done``: converged; ``stopped``: not); the ones kept."""
+    def retire(
+        self, x: Tensor, done: Tensor, stopped: Tensor | None = None, final: Tensor | None = None
+    ) -> Tensor:
+        """Store the finished columns; return the mask of the ones kept.
+
+        ``done``: converged; ``stopped``: not, and ``final`` among them for good.
+        """
         leaving = done if stopped is None else done | stopped
         index = self.active[leaving]
         self.solution[:, index] = x[:, leaving]
         self.converged[self.active[done]] = True
+        if final is not None:
+            self.final[self.active[final]] = True
         keep = ~leaving
         self.active = self.active[keep]
         return keep
@@ -377,7 +386,7 @@ def _solve(
         x[:, zero] = 0  # (A + λI) x = 0 has the solution 0
         r = b - system.apply(x)
     run = _Run(system, A, lin, method, tol, scale)
-    solution, history, converged = run(x, r, denom, max_iter)
+    solution, history, converged, final = run(x, r, denom, max_iter)
     checked = torch.ones_like(converged) if len(history) == 1 else history[0] <= tol
     last = torch.full_like(denom, math.inf)  # each column's true residual at its last check
     while True:
@@ -397,12 +406,12 @@ def _solve(
         converged[index] = ~failed
         # Restart a failed column while its true residual at least halves between checks;
         # past that it has reached the accuracy attainable in this dtype.
-        again = failed & (rel <= last[index] / 2)
+        again = failed & (rel <= last[index] / 2) & ~final[index]
         last[index] = rel
         if not bool(again.any()) or used >= max_iter:
             break
         restart = index[again]
-        part, rows, done = run(
+        part, rows, done, _ = run(
             solution[:, restart], true_r[:, again], denom[restart], max_iter - used
         )
         solution[:, restart] = part
@@ -432,7 +441,7 @@ class _Run:
 
     def __call__(
         self, x: Tensor, r: Tensor, denom: Tensor, max_iter: int
-    ) -> tuple[Tensor, list[Tensor], Tensor]:
+    ) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
         system, tol = self.system, self.tol
         rel = _norm(r) / denom
         if not bool(torch.isfinite(rel).all()):
@@ -456,7 +465,7 @@ class _Run:
                 _lissa(system, cols, x, r, denom, tol, max_iter, self.scale)
         else:
             cols.finish(x)
-        return cols.solution, cols.history, cols.converged
+        return cols.solution, cols.history, cols.converged, cols.final
 
 
 def _may_drift(system: _System, x: Tensor, denom: Tensor, iterations: int, tol: float) -> Tensor:
@@ -635,11 +644,12 @@ def _curvature_error(
     curvature: float, relation: str, where: str, rayleigh: float, damping: float
 ) -> ValueError:
     bound = rayleigh - damping  # λ_min(A) <= the Rayleigh quotient of A along p
-    if curvature > 0 or bound >= 0:  # singular in this precision: no damping bound to give
+    if curvature >= 0:  # zero, or positive only within rounding: singular in this precision
+        larger = "> 0" if damping == 0 else f"above {damping:g}"
         return ValueError(
             f"A: CG met a flat direction, pᵀ(A + λI)p = {curvature:.3g} {relation} ({where}): "
             f"A + λI with damping={damping:g} is singular to working precision, and CG's "
-            "answer would be wrong. Pass a damping > 0 (1e-3 times the top eigenvalue, "
+            f"answer would be wrong. Pass a damping {larger} (1e-3 times the top eigenvalue, "
             "hesse.eigsh(A, k=1), makes a condition of about 1,000), or use method='minres', "
             "which returns a least-squares solution of a singular system."
         )
@@ -675,6 +685,8 @@ def _minres(
         _check_preconditioned(beta_sq, cols.active)
     beta = beta_sq.sqrt()
     old_beta = torch.zeros_like(beta)
+    tnorm_sq = torch.zeros_like(beta)  # ‖T_k‖_F², T the Lanczos tridiagonal of M⁻¹(A + λI)
+    stall = torch.zeros_like(beta)  # iterations in a row that cut the residual by < 0.1%
     dbar = torch.zeros_like(beta)
     epsilon = torch.zeros_like(beta)
     phibar = beta.clone()
@@ -696,22 +708,27 @@ def _minres(
         if system.prec is not None and bool((beta_sq < 0).any()):
             _check_preconditioned(beta_sq, cols.active)
         beta = beta_sq.clamp_min(0).sqrt()
+        tnorm_sq = tnorm_sq + alpha.square() + old_beta.square() + beta.square()
         old_epsilon = epsilon
         delta = cs * dbar + sn * alpha
         gbar = sn * dbar - cs * alpha
         epsilon = sn * beta
         dbar = -cs * beta
         # ‖(A + λI) r‖ / (‖A + λI‖ ‖r‖) for the residual before this step (Paige & Saunders'
-        # test 2): at or below tol, x is a least-squares solution of a singular system with no
-        # exact one. Such a column stops without the step, whose pivot gamma would be rounding
-        # noise (dividing by it sent x to 1e16).
-        assert system.norm_estimate is not None
-        size = system.norm_estimate.to(x.dtype)
-        least_squares = torch.hypot(gbar, dbar) <= tol * size
+        # test 2, in the preconditioned operator's scale, ‖T_k‖_F for its norm) at or below
+        # tol while the residual has stood still for 5 iterations: x is a least-squares solution
+        # of a singular system with no exact one. The column stops there for good, before
+        # Lanczos, having lost orthogonality, divides by a pivot of noise (x went to 1e16).
+        # A residual that just fell onto one eigenvalue of 1e-7 of the norm has not stalled:
+        # its answer comes a step later.
+        size = tnorm_sq.sqrt()
+        least_squares = (torch.hypot(gbar, dbar) <= tol * size) & (stall >= 5)
         gamma = torch.hypot(gbar, beta).clamp_min(eps * size)
         cs, sn = gbar / gamma, beta / gamma
         phi = torch.where(least_squares, torch.zeros_like(phibar), cs * phibar)
+        before = phibar
         phibar = torch.where(least_squares, phibar, sn * phibar)
+        stall = torch.where(phibar > 0.999 * before, stall + 1, torch.zeros_like(stall))
         w1, w2 = w2, w
         w = (v - w1 * old_epsilon - w2 * delta) / gamma
         aw1, aw2 = aw2, aw
@@ -728,13 +745,14 @@ def _minres(
         if bad:
             raise system.not_finite()
         if leaving:
-            keep = cols.retire(x, done, stopped)
+            keep = cols.retire(x, done, stopped, ~done & least_squares)
             if not bool(keep.any()):
                 return
             x, r, y, r1, r2 = x[:, keep], r[:, keep], y[:, keep], r1[:, keep], r2[:, keep]
             w, w2, aw, aw2 = w[:, keep], w2[:, keep], aw[:, keep], aw2[:, keep]
             beta, old_beta, dbar, epsilon = beta[keep], old_beta[keep], dbar[keep], epsilon[keep]
             phibar, cs, sn, denom = phibar[keep], cs[keep], sn[keep], denom[keep]
+            tnorm_sq, stall = tnorm_sq[keep], stall[keep]
     cols.finish(x)
 
 

@@ -93,7 +93,7 @@ def normal_target(target: Any) -> Any:
 
     torch's losses and hesse's per-sample transforms cannot take one.
     """
-    if type(target).__module__ == "numpy" and hasattr(target, "__array__"):
+    if type(target).__module__ == "numpy" and type(target).__name__ == "ndarray":
         raise TypeError(
             f"target: expected a torch.Tensor (or whatever your criterion takes), got "
             f"numpy.{type(target).__name__}; convert it with torch.as_tensor(target)."
