@@ -189,6 +189,30 @@ def test_coupling_is_refused_in_values_derivatives_and_any_output_form(
     assert hesse.per_sample_loss_hessian(model, crit, x, y).shape == (6, 34, 34)
 
 
+def test_coupling_behind_a_flattened_batch_is_refused_and_kinks_are_not_coupling() -> None:
+    class MeanFree(nn.Module):  # couples the samples, then (B, T, C) -> (B*T, C) as LMs do
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            return (h - h.mean(0, keepdim=True)).reshape(-1, 3)
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="couples the samples of a batch"):
+        hesse.model_hessian_diagonal(MeanFree().double(), x)
+    # Independent samples whose GroupNorm outputs are rounding noise around ReLU's kink (blank
+    # images): the batched and per-sample kernels land on either side of it. Not coupling.
+    model = nn.Sequential(nn.GroupNorm(1, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    images = torch.randn(16, 3, 8, 8)
+    images[:8] = 0.37 + 0.01 * torch.arange(8.0)[:, None, None, None]
+    labels = torch.randint(0, 3, (16,))
+    grads = hesse.per_sample_gradients(model.eval(), nn.CrossEntropyLoss(), images, labels)
+    assert grads.shape == (16, sum(p.numel() for p in model.parameters()))
+
+
 def test_a_loss_class_and_a_numpy_target_are_named() -> None:
     model, x, y = _setup()
     with pytest.raises(TypeError, match=r"criterion: .* the class MSELoss itself; .* MSELoss\(\)"):

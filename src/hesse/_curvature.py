@@ -179,53 +179,52 @@ def check_independent_samples(
     Per-sample results evaluate each sample as a batch of one. A model that couples the samples
     of a batch (subtracts the batch mean, BatchNorm without running statistics) gives each
     sample another output alone than in the batch, and its per-sample Hessians would answer for
-    another function. Every tensor of the output (a tuple or dict too) is compared, alone and
-    in the batch, and so is the gradient of a random combination ``Σ_b u_b · f_b`` of them:
-    coupling can vanish in the values at the current weights and not in the derivatives
-    (BatchNorm's scale initialised to zero, as ResNets' ``zero_init_residual`` does). One
-    forward and backward pass each way: cheap next to the Hessians.
+    another function. Every tensor of the output (a tuple or dict too, rows of several samples
+    flattened together as well) is compared, alone and in the batch, at the parameters and at
+    a random point near them: coupling can vanish at the parameters themselves (BatchNorm's
+    scale initialised to zero, as ResNets' ``zero_init_residual`` does). Values, not
+    derivatives, which a ReLU's kink at rounding-level inputs would flip. Four forward passes
+    without autograd: cheap next to the Hessians.
     """
     b = args[0].shape[0]
-    theta = layout.gather(model).detach().requires_grad_()
+    theta = layout.gather(model).detach()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.randn(theta.shape, generator=g, dtype=theta.dtype).to(theta.device)
+    # 10% of the parameters' RMS per entry: far above rounding, near enough to stay finite.
+    rms = float(theta.square().mean().sqrt()) if theta.numel() else 0.0
+    points = (theta, theta + noise * 0.1 * (rms if rms > 0 else 1.0))
 
     def alone(t: Tensor, *sample: Tensor) -> tuple[Tensor, ...]:
         return _tensors(evaluate(model, layout.unflatten(t), tuple(x[None] for x in sample)))
 
-    with torch.enable_grad():
-        together = _tensors(evaluate(model, layout.unflatten(theta), args))
-        try:
-            each = vmap(alone, in_dims=(None, *(0,) * len(args)))(theta, *args)
-        except (RuntimeError, NotImplementedError):  # not batchable over samples (nn.LSTM)
-            rows = [alone(theta, *sample) for sample in zip(*args)]
-            each = tuple(torch.stack(parts) for parts in zip(*rows))
-        # The outputs with one row per sample both ways (a batch-level extra output has none).
-        pairs = [
-            (t.reshape(b, -1), a.reshape(b, -1))
-            for t, a in zip(together, each)
-            if t.is_floating_point() and t.ndim and t.shape[0] == b and t.numel() == a.numel()
-        ]
-        if not pairs:
-            return
-        if not all(bool(torch.isfinite(t).all()) for t, _ in pairs):
-            raise ValueError(
-                f"model: its output is NaN or infinite for some samples of the batch, so {what} "
-                "cannot compare each sample's output alone with its output in the batch; check "
-                "the inputs for NaN or infinite values."
-            )
-        gap = max(_gap(t.detach(), a.detach()) for t, a in pairs)
-        if gap <= 1:  # the values agree: compare the derivatives
-            g = torch.Generator(device="cpu").manual_seed(0)
-            weights = [
-                torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t, _ in pairs
+    gap = 0.0
+    with torch.no_grad():
+        for point in points:
+            together = _tensors(evaluate(model, layout.unflatten(point), args))
+            try:
+                each = vmap(alone, in_dims=(None, *(0,) * len(args)))(point, *args)
+            except (RuntimeError, NotImplementedError):  # not batchable over samples (nn.LSTM)
+                rows = [alone(point, *sample) for sample in zip(*args)]
+                each = tuple(torch.stack(parts) for parts in zip(*rows))
+            # Outputs with as many numbers both ways, sample-major (a batch-level extra output
+            # has fewer in the batch and is not compared).
+            pairs = [
+                (t.reshape(b, -1), a.reshape(b, -1))
+                for t, a in zip(together, each)
+                if t.is_floating_point() and t.numel() == a.numel()
             ]
-            sides = [sum((w * x).sum() for w, x in zip(weights, side)) for side in zip(*pairs)]
-            grads = [_grad(side, theta) for side in sides]
-            gap = _gap(grads[0], grads[1])
+            if point is theta and not all(bool(torch.isfinite(t).all()) for t, _ in pairs):
+                raise ValueError(
+                    f"model: its output is NaN or infinite for some samples of the batch, so "
+                    f"{what} cannot compare each sample's output alone with its output in the "
+                    "batch; check the inputs for NaN or infinite values."
+                )
+            gap = max([gap, *(_gap(t, a) for t, a in pairs)])
     if gap > 1:
         raise ValueError(
             f"model: {what} evaluates each sample as a batch of one, but this model's output "
-            "for a sample alone differs from its output within the batch (in its values or its "
-            "derivatives): it couples the samples of a batch (batch statistics such as "
+            "for a sample alone differs from its output within the batch (at its parameters "
+            "or near them): it couples the samples of a batch (batch statistics such as "
             "BatchNorm(track_running_stats=False), or an operation across dim 0) or draws random "
             "numbers in its forward pass, so per-sample Hessians would belong to another "
             "function. Use is_batch=False to differentiate the batched output as one "
@@ -236,13 +235,6 @@ def check_independent_samples(
 def _tensors(output: Any) -> tuple[Tensor, ...]:
     """The tensors of a model's output (a tensor, or a tuple, list or dict of them)."""
     return tuple(x for x in tree_leaves(output) if isinstance(x, Tensor))
-
-
-def _grad(value: Any, theta: Tensor) -> Tensor:
-    if not (isinstance(value, Tensor) and value.requires_grad):
-        return torch.zeros_like(theta)  # the outputs do not depend on the parameters
-    (g,) = torch.autograd.grad(value, theta, retain_graph=True, allow_unused=True)
-    return torch.zeros_like(theta) if g is None else g
 
 
 def _gap(together: Tensor, alone: Tensor) -> float:
