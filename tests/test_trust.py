@@ -730,14 +730,20 @@ class _Tempered(nn.Module):
         return self.fc(x) / self.temperature
 
 
-def test_a_zero_dim_parameter_and_uint8_class_targets() -> None:
-    # A 0-dim parameter made every call fail in ParamLayout.unflatten (view() of no sizes);
-    # uint8 class indices, which cross-entropy takes, failed in the GGN's one_hot.
+def _tempered_problem() -> tuple[nn.Module, nn.Module, Tensor, Tensor, Tensor]:
+    """`_Tempered` in float64 on 6 samples of 4 classes, and its loss Hessian by the oracle."""
     g = torch.Generator().manual_seed(0)
     model = _Tempered().to(F64)
     x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randint(0, 4, (6,), generator=g)
     crit = nn.CrossEntropyLoss()
     expected = oracle(model, crit, [(x, y)])
+    return model, crit, x, y, expected
+
+
+def test_a_zero_dim_parameter_and_uint8_class_targets() -> None:
+    # A 0-dim parameter made every call fail in ParamLayout.unflatten (view() of no sizes);
+    # uint8 class indices, which cross-entropy takes, failed in the GGN's one_hot.
+    model, crit, x, y, expected = _tempered_problem()
     with state_preserved(model):
         h = hesse.HessianOperator(model, crit, (x, y))
         assert_close(h.to_dense(), expected)
@@ -751,11 +757,7 @@ def test_a_zero_dim_parameter_and_uint8_class_targets() -> None:
 
 def test_the_dict_forms_of_a_zero_dim_parameter() -> None:
     # The dict forms reshaped with reshape(*sizes): no sizes at all for a 0-dim parameter.
-    g = torch.Generator().manual_seed(0)
-    model = _Tempered().to(F64)
-    x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randint(0, 4, (6,), generator=g)
-    crit = nn.CrossEntropyLoss()
-    expected = oracle(model, crit, [(x, y)])
+    model, crit, x, y, expected = _tempered_problem()
     t = hesse.ParamLayout.from_module(model).slice("temperature")
     with state_preserved(model):
         full = hesse.loss_hessian_dict(model, crit, x, y)
