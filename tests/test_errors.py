@@ -213,6 +213,26 @@ def test_coupling_behind_a_flattened_batch_is_refused_and_kinks_are_not_coupling
     assert grads.shape == (16, sum(p.numel() for p in model.parameters()))
 
 
+def test_a_criterion_that_takes_one_argument_is_named() -> None:
+    model, x, y = _setup()
+    with pytest.raises(
+        TypeError, match=r"criterion: hesse calls it as criterion\(output, target\)"
+    ):
+        hesse.loss_hessian_matrix(model, lambda out: out.square().sum(), x, y)
+
+    class Penalty(nn.Module):
+        def forward(self, out: torch.Tensor) -> torch.Tensor:
+            return out.square().sum()
+
+    with pytest.raises(TypeError, match=r"its signature is \(out\b.*\)"):
+        hesse.GGNOperator(model, Penalty(), (x, y))
+    # Extra defaults, *args and partials are fine.
+    hesse.loss_hessian_matrix(
+        model, lambda out, target, scale=1.0: scale * (out - target).square().sum(), x, y
+    )
+    hesse.loss_hessian_matrix(model, lambda *args: (args[0] - args[1]).square().sum(), x, y)
+
+
 def test_a_loss_class_and_a_numpy_target_are_named() -> None:
     model, x, y = _setup()
     with pytest.raises(TypeError, match=r"criterion: .* the class MSELoss itself; .* MSELoss\(\)"):

@@ -643,7 +643,6 @@ def _block_negative_curvature(p: Tensor, pq: Tensor, damping: float, iteration: 
 def _curvature_error(
     curvature: float, relation: str, where: str, rayleigh: float, damping: float
 ) -> ValueError:
-    bound = rayleigh - damping  # λ_min(A) <= the Rayleigh quotient of A along p
     if curvature >= 0:  # zero, or positive only within rounding: singular in this precision
         larger = "> 0" if damping == 0 else f"above {damping:g}"
         return ValueError(
@@ -653,6 +652,7 @@ def _curvature_error(
             "hesse.eigsh(A, k=1), makes a condition of about 1,000), or use method='minres', "
             "which returns a least-squares solution of a singular system."
         )
+    bound = rayleigh - damping  # λ_min(A) <= the Rayleigh quotient of A along p
     return ValueError(
         f"A: CG met negative curvature, pᵀ(A + λI)p = {curvature:.3g} {relation} ({where}): "
         f"A + λI with damping={damping:g} is not positive definite, and CG's answer would be "

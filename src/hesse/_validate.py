@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable
@@ -54,7 +55,24 @@ def check_criterion(criterion: Any) -> Callable[..., Tensor]:
             f"criterion: expected a callable loss such as torch.nn.MSELoss(), got "
             f"{type(criterion).__name__}."
         )
+    signature = _signature(criterion.forward if isinstance(criterion, nn.Module) else criterion)
+    if signature is not None:
+        try:
+            signature.bind(None, None)
+        except TypeError:
+            raise TypeError(
+                f"criterion: hesse calls it as criterion(output, target), but its signature is "
+                f"{signature}; give it two positional parameters, e.g. "
+                "lambda output, target: ... (ignore target where the loss does not use one)."
+            ) from None
     return criterion
+
+
+def _signature(function: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):  # builtins without one: called as they are
+        return None
 
 
 def normalize_inputs(inputs: Any) -> tuple[Tensor, ...]:
