@@ -113,6 +113,20 @@ def test_flags_must_be_bool() -> None:
         hesse.model_hessian_matrix(model, x, is_batch="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="diagonal_only: expected True or False"):
         hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y, diagonal_only=1)  # type: ignore[arg-type]
+    # "no" is truthy: read as a bool it would show a bar, or read the data twice.
+    with pytest.raises(TypeError, match="progress: expected True or False, got str 'no'"):
+        hesse.GGNOperator(model, nn.MSELoss(), (x, y), progress="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="check_deterministic: expected True or False"):
+        hesse.HessianOperator(model, nn.MSELoss(), (x, y), check_deterministic="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="progress: expected True or False, got NoneType"):
+        hesse.self_influence(model, nn.MSELoss(), (x, y), damping=1.0, progress=None)  # type: ignore[arg-type]
+
+
+def test_hvp_names_its_empty_batch() -> None:
+    model, x, y = _setup()
+    v = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=x.dtype)
+    with pytest.raises(ValueError, match=r"inputs: the batch is empty \(dim 0 of inputs\[0\]"):
+        hesse.hvp(model, nn.MSELoss(), x[:0], y[:0], v)
 
 
 def test_tuple_output_for_model_hessian() -> None:

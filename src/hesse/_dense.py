@@ -39,6 +39,7 @@ from hesse._validate import (
     check_chunk_size,
     check_criterion,
     check_finite,
+    check_flag,
     check_model,
     check_model_output,
     check_nonempty,
@@ -60,21 +61,11 @@ __all__ = [
 ]
 
 
-def _check_flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        kind = type(value)
-        named = (
-            kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
-        )
-        raise TypeError(f"{name}: expected True or False, got {named} {value!r}.")
-    return value
-
-
 def _model_curvature(
     model: nn.Module, inputs: Any, params: Params, is_batch: bool, training: bool, what: str
 ) -> Curvature:
     args = normalize_inputs(inputs)
-    _check_flag("is_batch", is_batch)
+    check_flag("is_batch", is_batch)
     layout = ParamLayout.from_module(model, params)
     check_finite(model, layout)
     fits = model_fits(
@@ -151,7 +142,7 @@ def _diagonal_blocks(c: Curvature, chunk_size: int | None, what: str) -> dict[st
 
 
 def _matrix(c: Curvature, diagonal_only: bool, chunk_size: int | None, what: str) -> Tensor:
-    _check_flag("diagonal_only", diagonal_only)
+    check_flag("diagonal_only", diagonal_only)
     chunk_size = check_chunk_size(chunk_size)
     if not diagonal_only:
         return dense(c, c.layout, chunk_size, what)
@@ -177,7 +168,7 @@ def _matrix(c: Curvature, diagonal_only: bool, chunk_size: int | None, what: str
 def _dict(
     c: Curvature, diagonal_only: bool, chunk_size: int | None, what: str
 ) -> dict[str, dict[str, Tensor]]:
-    _check_flag("diagonal_only", diagonal_only)
+    check_flag("diagonal_only", diagonal_only)
     chunk_size = check_chunk_size(chunk_size)
     if not diagonal_only:
         return c.layout.unflatten_matrix(dense(c, c.layout, chunk_size, what))

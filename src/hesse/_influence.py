@@ -53,6 +53,7 @@ from hesse._validate import (
     batch_size,
     check_chunk_size,
     check_criterion,
+    check_flag,
     check_model,
     normal_target,
     normalize_inputs,
@@ -407,8 +408,7 @@ def _setup(
 ) -> tuple[float, str, float | None]:
     check_model(model)
     _check_criterion(criterion)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress: expected True or False, got {progress!r}.")
+    check_flag("progress", progress)
     return check_damping(damping, nonnegative=True), check_method(method), check_solve_tol(tol)
 
 

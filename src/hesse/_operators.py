@@ -52,7 +52,9 @@ from hesse._validate import (
     Seed,
     check_criterion,
     check_finite,
+    check_flag,
     check_model,
+    check_nonempty,
     check_scalar_loss,
     check_seed,
     integer,
@@ -206,12 +208,13 @@ class CurvatureOperator(LayoutOperator):
         self._reduction_arg = reduction
         _reduction(criterion, reduction)  # checked now; read anew where it is used
         self.training = check_training(training)
+        check_flag("check_deterministic", check_deterministic)
         self._check_training()
         self.layout = ParamLayout.from_module(model, params)
         self._shard = resolve_shard(process_group, distributed, self.layout.device)
         with torch.inference_mode(False):
             self.data: Dataset = as_dataset(data, allow_empty=self._shard.distributed)
-        self.progress = progress
+        self.progress = check_flag("progress", progress)
         self._policies: dict[str, Fallbacks] = {}
         self._block_path: str | None = None  # "block" or "singles", measured on first uses
         self._block_times: list[float] = []  # seconds per column of the first blocks
@@ -1557,6 +1560,10 @@ def hvp(
         {'weight': tensor([[28., 40.]])}
     """
     # One batch: weight 1 for either reduction, so the product is the batch loss's Hessian.
+    check_model(model)
+    check_criterion(criterion)
     with torch.inference_mode(False):
-        batch = Batch(normalize_inputs(inputs), normal_target(target))
+        args = normalize_inputs(inputs)
+        check_nonempty(args)  # named as hvp's argument, not as one batch of a dataset
+        batch = Batch(args, normal_target(target))
     return HessianOperator(model, criterion, batch, params, training=training) @ vector

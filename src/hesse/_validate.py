@@ -22,6 +22,7 @@ __all__ = [
     "check_chunk_size",
     "check_criterion",
     "check_finite",
+    "check_flag",
     "check_model",
     "check_model_output",
     "check_nonempty",
@@ -33,6 +34,17 @@ __all__ = [
     "normalize_inputs",
     "positive_float",
 ]
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool; a TypeError naming ``name`` otherwise (``"no"`` is not False)."""
+    if not isinstance(value, bool):
+        kind = type(value)
+        named = (
+            kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+        )
+        raise TypeError(f"{name}: expected True or False, got {named} {value!r}.")
+    return value
 
 
 def check_model(model: Any) -> nn.Module:
