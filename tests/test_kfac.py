@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from conftest import assert_close, state_preserved
 from torch import Tensor, nn
 
@@ -148,6 +150,76 @@ def test_ekfac_matches_curvlinops(case: tuple[Any, ...]) -> None:
     with state_preserved(model):
         op = EKFACOperator(model, crit, data, **kw)
     assert_close(op.to_dense(), expected, rtol=1e-8)
+
+
+class _Positions(nn.Module):
+    """(B, T, D) -> outputs with one loss term per position; ``mix`` couples the positions."""
+
+    def __init__(self, ce: bool, mix: bool) -> None:
+        super().__init__()
+        self.ce = ce
+        self.inner = nn.Linear(2, 4)
+        self.across = nn.Linear(3, 3) if mix else None  # over the T = 3 positions
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inner(x))
+        if self.across is not None:
+            h = self.across(h.transpose(1, 2)).transpose(1, 2)
+        f = self.out(h)  # (B, T, C)
+        return f.transpose(1, 2) if self.ce else f  # (B, C, T) for cross-entropy
+
+
+def _ggn_by_hand(model: nn.Module, x: Tensor, hessian: Callable[[Tensor], Tensor]) -> Tensor:
+    """Jᵀ H J from ``torch.func.jacrev``; ``hessian`` maps the outputs to ``H`` (flat)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    jac = torch.func.jacrev(lambda q: torch.func.functional_call(model, q, (x,)).reshape(-1))(
+        params
+    )
+    j = torch.cat([jac[n].reshape(jac[n].shape[0], -1) for n in params], 1)
+    return j.T @ hessian(model(x).detach()) @ j
+
+
+@pytest.mark.parametrize("mix", [False, True], ids=["per-position", "mixing"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_ekfac_with_a_loss_term_per_position_keeps_the_ggn_trace(loss: str, mix: bool) -> None:
+    # Type-2 columns span every position at once; EKFAC's per-sample gradients must take one
+    # (class, position) at a time, or their squares add products of different positions.
+    model = _init(_Positions(loss == "ce", mix), 3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, 2, generator=g, dtype=F64)
+    if loss == "ce":
+        crit: nn.Module = nn.CrossEntropyLoss()
+        y = torch.randint(0, 3, (5, 3), generator=g)
+
+        def hessian(f: Tensor) -> Tensor:
+            p = torch.softmax(f, 1).transpose(1, 2).reshape(-1, 3)  # (B T, C)
+            blocks = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+            h = torch.block_diag(*blocks) / p.shape[0]  # rows (b, t, c)
+            # to the outputs' order (b, c, t)
+            order = torch.arange(5 * 3 * 3).reshape(5, 3, 3).transpose(1, 2).reshape(-1)
+            inverse = torch.argsort(order)
+            return h[inverse][:, inverse]
+    else:
+        crit = nn.MSELoss(reduction="sum")
+        y = torch.randn(5, 3, 3, generator=g, dtype=F64)
+
+        def hessian(f: Tensor) -> Tensor:
+            return 2 * torch.eye(f.numel(), dtype=F64)
+
+    ggn = _ggn_by_hand(model, x, hessian)
+    ekfac = EKFACOperator(model, crit, [(x[:2], y[:2]), (x[2:], y[2:])])
+    assert_close(torch.tensor(ekfac.trace(), dtype=F64), ggn.trace(), rtol=1e-10)
+    dense = ekfac.to_dense()
+    assert_close(dense.trace(), ggn.trace(), rtol=1e-10)
+    # Within each block, the refit never moves further from the GGN than KFAC.
+    kfac = KFACOperator(model, crit, [(x[:2], y[:2]), (x[2:], y[2:])]).to_dense()
+    for block in ekfac._blocks:
+        rows = ekfac._indices(block)
+        exact = ggn[rows][:, rows]
+        assert_close(dense[rows][:, rows].trace(), exact.trace(), rtol=1e-10)
+        error = (dense[rows][:, rows] - exact).norm()
+        assert error <= (kfac[rows][:, rows] - exact).norm() * (1 + 1e-10) + 1e-12
 
 
 @pytest.mark.parametrize("heuristic", [False, True])
@@ -331,7 +403,86 @@ CHANGES: dict[str, Callable[[nn.Module, nn.Module], None]] = {
     "data_assign": lambda m, c: setattr(m[0].weight, "data", m[0].weight.data * 2),
     "replaced_parameter": lambda m, c: setattr(m[0], "weight", nn.Parameter(m[0].weight * 2)),
     "criterion_reduction": lambda m, c: setattr(c, "reduction", "sum"),
+    # Not parameters or buffers, yet another function (DESIGN.md: attributes read in forward).
+    "swapped_activation": lambda m, c: m.__setitem__(1, nn.Sigmoid()),
+    "forward_hook": lambda m, c: m[0].register_forward_hook(lambda mod, a, out: 2 * out),
 }
+
+
+class _ScaledTanh(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0  # a plain attribute read in forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.scale * x)
+
+
+@pytest.mark.parametrize("cls", [KFACOperator, EKFACOperator])
+def test_changed_attributes_of_the_model_and_criterion_are_refused(
+    cls: type[KFACOperator],
+) -> None:
+    model, crit, data = _problem("mlp")
+    model[1] = _ScaledTanh()
+    op = cls(model, crit, data)
+    before = op.to_dense()
+    model[1].scale = 3.0
+    with pytest.raises(ValueError, match=r"an attribute or a hook of the module 1 changed"):
+        op.to_dense()
+    op.refresh()
+    assert not torch.allclose(op.to_dense(), before)
+    assert_close(op.to_dense(), cls(model, crit, data).to_dense())
+    # A criterion that construction would refuse: refused after the fact too, also by refresh.
+    crit.label_smoothing = 0.5
+    with pytest.raises(ValueError, match=r"model: an attribute of the criterion changed"):
+        op.trace()
+    with pytest.raises(ValueError, match=r"criterion: KFAC needs the likelihood"):
+        op.refresh()
+    crit.label_smoothing = 0.0
+    crit.weight = torch.ones(4, dtype=F64)  # class weights (a buffer of the loss)
+    with pytest.raises(ValueError, match=r"model: an attribute of the criterion changed"):
+        op.diagonal()
+    with pytest.raises(ValueError, match=r"criterion: KFAC needs the likelihood"):
+        op.refresh()
+
+
+class _TiedAutoencoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t())  # the decoder: enc.weight
+
+
+class _Double(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return 2 * x
+
+
+def test_a_weight_also_used_in_functional_code_is_refused_and_hooks_are_followed() -> None:
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 5, generator=g, dtype=F64), torch.randn(6, 5, generator=g, dtype=F64)
+    model = _init(_TiedAutoencoder(), 1)
+    with state_preserved(model), pytest.raises(ValueError, match=r"params: enc.weight is also "):
+        KFACOperator(model, nn.MSELoss(), (x, y))
+    # The bias is used by its layer only.
+    assert KFACOperator(model, nn.MSELoss(), (x, y), params=["enc.bias"]).shape == (3, 3)
+    # A hook that changes a layer's output is part of the model after the layer, like a module.
+    base = _init(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 5)), 2)
+    plain = nn.Sequential(copy.deepcopy(base[0]), _Double(), *copy.deepcopy(base[1:]))
+    hooked = copy.deepcopy(base)
+    hooked[0].register_forward_hook(lambda module, args, out: 2 * out)
+    expected = KFACOperator(plain, nn.MSELoss(), (x, y)).to_dense()
+    assert_close(KFACOperator(hooked, nn.MSELoss(), (x, y)).to_dense(), expected)
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical", "forward-only"])
+def test_only_mc_draws_from_the_global_generator(fisher_type: str) -> None:
+    model, crit, data = _problem("mlp")
+    state = torch.get_rng_state()
+    KFACOperator(model, crit, data, fisher_type=fisher_type)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("change", sorted(CHANGES))
@@ -578,6 +729,9 @@ def test_data_that_does_not_fit_is_named_with_its_batch() -> None:
         KFACOperator(model, crit, (x.float(), y))
     with pytest.raises(ValueError, match=r"data: .* fail on batch 1 .*IndexError"):
         KFACOperator(model, crit, [(x, y), (x, y + 10)], fisher_type="empirical")
+    # Type-2 never reads the labels, but a wrong one is still refused, with its batch.
+    with pytest.raises(ValueError, match=r"fail on batch 1 .*class index 1[0-3] is out of range"):
+        KFACOperator(model, crit, [(x, y), (x, y + 10)])
 
 
 def test_a_replaced_layer_and_numpy_damping() -> None:

@@ -254,7 +254,9 @@ DEFEATS: dict[str, tuple[Callable[[], nn.Module], Callable[..., Tensor], set[str
     # two positions per sample: 2 * d_out probes through the token blocks
     "sequence": (Sequence, nn.MSELoss(), {"lin.weight", "lin.bias", "head.weight", "head.bias"}),
     "keyword": (Keyword, nn.MSELoss(), set()),
-    "hooked": (_hooked, nn.MSELoss(), {"2.weight", "2.bias"}),
+    # hesse's recording hook runs first: layer 0's own output, the user's hook after it is
+    # part of the rest of the model, differentiated as such
+    "hooked": (_hooked, nn.MSELoss(), {"0.weight", "0.bias", "2.weight", "2.bias"}),
     # layers on residual branches are still entered once per sample: all linear layers route
     "residual_norm": (
         ResidualNorm,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -210,6 +210,14 @@ def _check_output(criterion: Any, f: Any, target: Any) -> None:
                 f"target: holds ignore_index={criterion.ignore_index}; KFAC counts every "
                 "target as a loss term. Drop those samples from the data."
             )
+        # Type-2 and MC never read the labels; a wrong one is still a bug in the data, which
+        # the loss (and the other fisher types) would refuse: named with its batch by
+        # `model_fits`, as the loss's own IndexError is.
+        if target.numel() and not (int(target.min()) >= 0 and int(target.max()) < f.shape[1]):
+            bad = target[(target < 0) | (target >= f.shape[1])][0]
+            raise IndexError(
+                f"target class index {int(bad)} is out of range for {f.shape[1]} classes"
+            )
     elif f.ndim < 2 or not isinstance(target, Tensor) or target.shape != f.shape:
         raise ValueError(
             "target: KFAC with nn.MSELoss needs outputs (B, ..., C) and a target of the same "
@@ -275,6 +283,32 @@ def _columns(
     return u.to(f.dtype), omega
 
 
+def _by_term(criterion: Any, f: Tensor, u: Tensor) -> Iterator[Tensor]:
+    """The type-2 columns ``(K, *f.shape)`` split into one column per class and position.
+
+    A type-2 column ``c`` holds the loss Hessian's factor for class ``c`` at every position
+    of a sample at once: right for KFAC's factors, whose rows are per position, but a
+    per-sample gradient built from it (EKFAC's correction) would square the sum of several
+    positions' terms, whose products are not in the loss Hessian (block-diagonal over
+    positions). Column ``(c, t)`` keeps position ``t`` only; yielded in chunks of at most
+    `_ENTRIES` entries. Without positions, ``u`` itself.
+    """
+    ce = type(criterion) is nn.CrossEntropyLoss
+    positions = f.shape[2:] if ce else f.shape[1:-1]
+    count = math.prod(positions)
+    if count == 1:
+        yield u
+        return
+    k = u.shape[0]
+    step = max(1, _ENTRIES // max(k * f.numel(), 1))
+    eye = torch.eye(count, dtype=u.dtype, device=u.device)
+    for lo in range(0, count, step):
+        rows = eye[lo : lo + step]  # (n, T): position t alone
+        n = rows.shape[0]
+        shape = (n, 1, 1, *positions) if ce else (n, 1, *positions, 1)
+        yield (u[:, None] * rows.reshape(shape)).reshape(k * n, *f.shape)
+
+
 # -- the operators -------------------------------------------------------------------------------
 
 
@@ -298,11 +332,12 @@ class KFACOperator(LayoutOperator):
     **Computed at one point.** The factors are computed once, at construction, from the
     model as it is then. A KFAC operator does *not* follow later changes as hesse's exact
     operators do, and it never answers for a model that has changed: every product and
-    method first compares the model's parameters and buffers (objects and values) and the
-    criterion's reduction with those the factors came from, and raises after a training step,
-    a ``.data`` edit or a replaced ``Parameter``. Call `refresh` (or build a new operator)
-    after the model changes. The data are not compared (a pass over them costs as much as
-    `refresh`): after editing the data in place, call `refresh`.
+    method first compares the model's parameters and buffers (objects and values), its
+    modules, their other attributes and hooks, and the criterion's attributes with those the
+    factors came from, and raises after a training step, a ``.data`` edit, a replaced
+    ``Parameter`` or module, a new hook or a changed attribute. Call `refresh` (or build a
+    new operator) after the model changes. The data are not compared (a pass over them
+    costs as much as `refresh`): after editing the data in place, call `refresh`.
 
     The matrix is never formed: products, `diagonal`, `trace`, `logdet` and the damped
     `inverse` work on the factors and on their eigendecompositions, computed once and cached.
@@ -428,7 +463,10 @@ class KFACOperator(LayoutOperator):
         checked = check_seed(seed)
         if isinstance(checked, torch.Generator):
             checked = int(torch.randint(2**62, (), generator=checked))
-        self._seed: int = checked if checked is not None else self._shard.common_seed()
+        # Only "mc" draws: the others leave torch's global generator as it was.
+        if checked is None:
+            checked = self._shard.common_seed() if fisher_type == "mc" else 0
+        self._seed: int = checked
         self._factor_dtype = torch.promote_types(self.layout.dtype, torch.float32)
         self._reduction_arg = reduction
         self.factors: dict[str, tuple[Tensor | None, Tensor]] = {}
@@ -466,10 +504,11 @@ class KFACOperator(LayoutOperator):
                 the model, or the data hold no samples.
         """
         with torch.inference_mode(False):
-            seen = _ModelPoint.of(self)
-            self.reduction = seen.reduction
+            _check_criterion(self.criterion)  # its attributes may have changed since
+            self.reduction = _reduction(self.criterion, self._reduction_arg)
             self._refresh()
-            self._seen = seen
+            # After the passes: a forward that updates a module's own cache is not a change.
+            self._seen = _ModelPoint.of(self)
             self._generation += 1
 
     def _refresh(self) -> None:
@@ -514,11 +553,14 @@ class KFACOperator(LayoutOperator):
         visit: Callable[[Batch, list[Tensor], list[Tensor | None], float], None],
         *,
         backward: bool,
+        by_term: bool = False,
     ) -> int:
         """One pass over the data, handing each batch to ``visit``; the samples, over all ranks.
 
         ``visit`` gets per batch each layer's inputs ``(B, T, d_a)`` and output gradients
-        ``(K, B, T, d_out)`` (float32 or wider), and the weight ``w_b ω_b``.
+        ``(K, B, T, d_out)`` (float32 or wider), and the weight ``w_b ω_b``. ``by_term``: the
+        type-2 columns one loss term (position) each, in several calls per batch when the
+        outputs have positions (`_by_term`); ``visit`` must then only sum over the columns.
         """
         generator = torch.Generator(device="cpu").manual_seed(
             (self._seed + self.shard.rank) % 2**63
@@ -555,6 +597,8 @@ class KFACOperator(LayoutOperator):
                     f = evaluate(self.model, leaves, batch.inputs)
                     _check_output(self.criterion, f, batch.target)
                 inputs = [self._inputs(s, r, batch.size) for s, r in zip(self._sites, records)]
+                if count == batch.size:  # the first batch with samples
+                    self._check_used_in_layers_only(f, leaves, records, inputs)
                 grads: list[Tensor | None] = [None] * len(self._sites)
                 weight = 0.0
                 if backward:
@@ -568,10 +612,14 @@ class KFACOperator(LayoutOperator):
                             self.mc_samples,
                             generator,
                         )
-                    with torch.enable_grad():
-                        got = _batched_grad(f, [r.z for r in records], u)
-                    grads = [self._gradients(s, g) for s, g in zip(self._sites, got)]
                     weight = omega * (batch.size if self.reduction == "mean" else 1.0)
+                    split = by_term and self.fisher_type == "type-2"
+                    for columns in _by_term(self.criterion, f, u) if split else [u]:
+                        with torch.enable_grad():
+                            got = _batched_grad(f, [r.z for r in records], columns)
+                        grads = [self._gradients(s, g) for s, g in zip(self._sites, got)]
+                        visit(batch, inputs, grads, weight)
+                    continue
                 visit(batch, inputs, grads, weight)
         if self.shard.distributed:
             count = int(self.shard.all_reduce(torch.tensor([float(count)], dtype=torch.float64)))
@@ -617,6 +665,50 @@ class KFACOperator(LayoutOperator):
         if site.joint:
             a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
         return a
+
+    def _check_used_in_layers_only(
+        self, f: Tensor, leaves: dict[str, Tensor], records: list[Record], inputs: list[Tensor]
+    ) -> None:
+        """Refuse a selected parameter that the model also uses outside its layer.
+
+        KFAC sees a weight only through its layer's inputs and output gradients; a second use
+        in functional code (``F.linear(h, enc.weight.t())``, a tied decoder) would be dropped
+        without a trace. One backward pass of a fixed random probe compares each parameter's
+        gradient with the one its layer accounts for, ``Σ_t g_t a_tᵀ``.
+        """
+        probe = torch.randn(f.shape, generator=torch.Generator().manual_seed(0), dtype=f.dtype)
+        names = [n for s in self._sites for n in (s.weight, s.bias) if n is not None]
+        with torch.enable_grad():
+            got = torch.autograd.grad(
+                f,
+                [leaves[n] for n in names] + [r.z for r in records],
+                probe.to(f.device),
+                retain_graph=True,
+                allow_unused=True,
+            )
+        total = dict(zip(names, got[: len(names)]))
+        tol = 10 * torch.finfo(self.dtype).eps ** 0.5
+        for site, a, gz in zip(self._sites, inputs, got[len(names) :]):
+            if gz is None:
+                continue
+            g = self._gradients(site, gz[None])[0]  # (B, T, d_out)
+            local = {}
+            if site.weight is not None:
+                local[site.weight] = torch.einsum("bto,bti->oi", g, a[..., : site.d_in])
+            if site.bias is not None:
+                local[site.bias] = g.sum((0, 1))
+            for name, mine in local.items():
+                full = total[name]
+                full = torch.zeros_like(mine) if full is None else full.reshape(mine.shape)
+                full = full.to(mine.dtype)
+                if float((full - mine).norm()) > tol * float(full.norm() + mine.norm()):
+                    where = site.path or "(the model)"
+                    raise ValueError(
+                        f"params: {name} is also used outside its layer {where} "
+                        "(a weight tied in functional code, such as "
+                        "F.linear(h, encoder.weight.t())), which KFAC would drop. Exclude "
+                        "it with params=[...], or use hesse.GGNOperator."
+                    )
 
     def _gradients(self, site: _Site, g: Tensor) -> Tensor:
         """``(K, B, *z)`` output gradients as ``(K, B, T, d_out)`` in the factors' dtype."""
@@ -878,10 +970,17 @@ class EKFACOperator(KFACOperator):
     (Q_G^\top \nabla_{W} \ell_{nc}\, Q_A)^{\odot 2}$ of per-sample gradients
     $\nabla_W \ell_{nc} = \sum_t g_{nct} a_{nt}^\top$ (column ``c`` of the loss Hessian's
     factor, summed over the positions ``t`` of sample ``n``) projected into that basis; this
-    is curvlinops' ``EKFACLinearOperator`` convention (the per-sample gradients are exact for
-    both ``kfac_approx`` values, which change only the basis). The data are read twice at
-    construction (factors, then the correction). ``fisher_type="forward-only"`` is not
-    available (no gradients to correct with).
+    is curvlinops' ``EKFACLinearOperator`` convention for outputs ``(B, C)`` (the per-sample
+    gradients are exact for both ``kfac_approx`` values, which change only the basis).
+    Outputs with positions (``(B, C, T)``, ``(B, T, C)``, per-pixel outputs) have one loss
+    term per position, and the loss Hessian has no products of two positions' terms: the
+    ``"type-2"`` columns then take one class at one position each, so the trace stays the
+    GGN's (the correction costs one backward pass per class and position); ``"mc"`` draws
+    each position's label independently, so one column per draw is unbiased; ``"empirical"``
+    uses each sample's own loss gradient (all its positions), the empirical Fisher's
+    per-sample convention. The data are read twice at construction (factors, then the
+    correction). ``fisher_type="forward-only"`` is not available (no gradients to correct
+    with).
 
     Like KFAC, computed from the model at construction, and refusing to answer once the model
     has changed: call `refresh` after it changes.
@@ -964,7 +1063,7 @@ class EKFACOperator(KFACOperator):
                     x = a.new_ones(*a.shape[:-1], 1) if bias else a[..., : block.d_a]
                     corrections[id(block)].add_(_correction(g @ qg, x @ qa), alpha=w)
 
-        count = self._pass(visit, backward=True)
+        count = self._pass(visit, backward=True, by_term=True)
         eigenvalues: dict[str, dict[str, Tensor]] = {}
         for block in self._blocks:
             s = self.shard.all_reduce(corrections[id(block)])
@@ -1029,12 +1128,16 @@ class _ModelPoint:
     """What the factors were computed from.
 
     The model's parameters and buffers (the objects, and copies of their values: version
-    counters miss ``.data`` writes) and the criterion's reduction.
+    counters miss ``.data`` writes), its modules (the objects at each path) and their other
+    attributes and hooks, and the criterion's attributes and reduction (`_attributes`).
     """
 
     names: tuple[str, ...]
     tensors: tuple[Tensor, ...]
     values: tuple[Tensor, ...]
+    modules: tuple[tuple[str, nn.Module], ...]
+    attributes: tuple[Any, ...]
+    criterion: Any
     reduction: str
 
     @staticmethod
@@ -1045,14 +1148,21 @@ class _ModelPoint:
         ]
         return tuple(n for n, _ in named), tuple(t for _, t in named)
 
+    @staticmethod
+    def _modules(op: KFACOperator) -> tuple[tuple[str, nn.Module], ...]:
+        return tuple(op.model.named_modules(remove_duplicate=False))
+
     @classmethod
     def of(cls, op: KFACOperator) -> _ModelPoint:
         names, tensors = cls._now(op)
         values = tuple(t.detach().clone() for t in tensors)
-        return cls(names, tensors, values, _reduction(op.criterion, op._reduction_arg))
+        modules = cls._modules(op)
+        attributes = tuple(_attributes(m) for _, m in modules)
+        reduction = _reduction(op.criterion, op._reduction_arg)
+        return cls(names, tensors, values, modules, attributes, _frozen(op.criterion), reduction)
 
     def change(self, op: KFACOperator) -> str | None:
-        """What changed in ``op``'s model since, or ``None``."""
+        """What changed in ``op``'s model or criterion since, or ``None``."""
         names, tensors = self._now(op)
         if names != self.names:
             return "its parameters or buffers were added, removed or renamed"
@@ -1065,7 +1175,66 @@ class _ModelPoint:
         reduction = _reduction(op.criterion, op._reduction_arg)
         if reduction != self.reduction:
             return f"the criterion's reduction changed from {self.reduction!r} to {reduction!r}"
+        modules = self._modules(op)
+        if [p for p, _ in modules] != [p for p, _ in self.modules] or any(
+            a is not b for (_, a), (_, b) in zip(modules, self.modules)
+        ):
+            return "its modules were replaced, added or removed"
+        for (path, module), then in zip(modules, self.attributes):
+            if not _same(_attributes(module), then):
+                where = f"the module {path}" if path else "the model"
+                return f"an attribute or a hook of {where} changed"
+        if not _same(_frozen(op.criterion), self.criterion):
+            return "an attribute of the criterion changed"
         return None
+
+
+# Module state compared elsewhere (parameters, buffers, submodules) or not part of the function
+# the factors approximate (the training flag: KFAC runs in eval mode).
+_OWN_STATE = frozenset({"_parameters", "_buffers", "_modules", "training"})
+_TENSOR, _OBJECT = object(), object()  # `_frozen`'s markers
+
+
+def _attributes(module: nn.Module) -> Any:
+    """A module's other attributes and its hooks, frozen for `_same`."""
+    return _frozen({k: v for k, v in vars(module).items() if k not in _OWN_STATE})
+
+
+def _frozen(value: Any, depth: int = 0) -> Any:
+    """``value`` in a form `_same` compares.
+
+    Tensors copied, plain values kept, containers walked (two levels), any other object kept
+    to compare by identity (a hook, a function).
+    """
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return value
+    if isinstance(value, (torch.dtype, torch.device)):
+        return value
+    if isinstance(value, Tensor):
+        return (_TENSOR, value.detach().clone())
+    if isinstance(value, nn.Module) and depth == 0:  # the criterion: its attributes, buffers
+        return _frozen({k: v for k, v in vars(value).items() if k != "training"}, depth)
+    if isinstance(value, (tuple, list, set, frozenset)) and depth < 2:
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return (type(value), tuple(_frozen(v, depth + 1) for v in items))
+    if isinstance(value, dict) and depth < 2:
+        return (dict, tuple((k, _frozen(v, depth + 1)) for k, v in value.items()))
+    return (_OBJECT, value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        if len(a) != len(b):
+            return False
+        if len(a) == 2 and a[0] is _OBJECT and b[0] is _OBJECT:
+            return a[1] is b[1]
+        if len(a) == 2 and a[0] is _TENSOR and b[0] is _TENSOR:
+            x, y = a[1], b[1]
+            return bool(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y))
+        return all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return False
+    return type(a) is type(b) and bool(a == b)
 
 
 def _damping(damping: Any) -> float:

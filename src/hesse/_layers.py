@@ -130,7 +130,9 @@ def recording(modules: list[nn.Module]) -> Iterator[list[Record]]:
 
     try:
         for module, record in zip(modules, records):
-            handles.append(module.register_forward_hook(hook_for(record)))
+            # First of the module's hooks: what it records is the layer's own output, before
+            # a user's hook changes what the rest of the model sees.
+            handles.append(module.register_forward_hook(hook_for(record), prepend=True))
         yield records
     finally:
         for handle in handles:
