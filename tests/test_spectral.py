@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 from conftest import assert_close
@@ -350,3 +353,170 @@ def test_dense_hessians_name_inputs_that_do_not_fit_and_empty_outputs() -> None:
         no_outputs = nn.Linear(3, 0).to(F64)
     empty = hesse.model_hessian_matrix(no_outputs, x[:, :3])
     assert empty.shape == (3, 0, 0, 0)  # no outputs, and no parameters either
+
+
+class _Protocol:
+    """An operator of the protocol, 2I of size n, with any ``dtype`` attribute."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, dtype: object, n: int = 300) -> None:
+        self.dtype, self.shape = dtype, (n, n)
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return 2 * v
+
+
+def _every_tool() -> list[Callable[[Any], object]]:
+    return [
+        lambda a: hesse.eigsh(a, k=1, seed=0),
+        lambda a: hesse.sharpness(a, seed=0),
+        lambda a: hesse.trace(a, num_matvecs=30, seed=0),
+        lambda a: hesse.trace(a, num_matvecs=300, seed=0),  # exact budget
+        lambda a: hesse.diagonal(a, num_matvecs=30, seed=0),
+        lambda a: hesse.spectral_density(a, num_probes=2, lanczos_steps=5, seed=0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "kind", ["complex operator", "integer operator", "numpy array", "complex tensor"]
+)
+def test_a_that_is_not_real_floating_point_is_refused_up_front(kind: str) -> None:
+    # A complex operator had given wrong numbers (eigsh 14,089 for diag(1..300), a complex
+    # trace), an integer one an integer trace or errors from deep inside torch.
+    np = pytest.importorskip("numpy")
+    a = {
+        "complex operator": lambda: _Protocol(torch.complex128),
+        "integer operator": lambda: _Protocol(torch.int64),
+        "numpy array": lambda: np.eye(300),
+        "complex tensor": lambda: torch.eye(300, dtype=torch.complex128),
+    }[kind]()
+    fix = {
+        "complex operator": r"got torch\.complex128; .*give the operator a real dtype",
+        "integer operator": r"got torch\.int64; give the operator a floating dtype",
+        "numpy array": r"got numpy\.ndarray of dtype .*float64.*; convert an array with "
+        r"torch\.as_tensor\(A\)",
+        "complex tensor": r"got torch\.complex128; .*convert it with A\.real",
+    }[kind]
+    for call in _every_tool():
+        with pytest.raises(TypeError, match=rf"^A: expected a real floating-point \w+, {fix}"):
+            call(a)
+
+
+def test_dense_eigsh_converged_is_relative_to_the_whole_spectrum() -> None:
+    # PSD with a zero eigenvalue (a rank-deficient GGN): the smallest eigenvalue is rounding
+    # noise, and so is its residual, well within √eps of max |λ| = 1e4.
+    ev = torch.linspace(0, 1e4, 50, dtype=F64)
+    a = _matrix(ev)
+    a = (a + a.T) / 2
+    result = hesse.eigsh(a, k=1, which="SA")  # N <= 256: a dense solve
+    assert abs(float(result.eigenvalues[0])) < 1e-8
+    assert float(result.residuals[0]) < 1e-8 * 1e4
+    assert bool(result.converged.all())
+
+
+def test_a_dense_tensor_that_requires_grad_is_used_detached() -> None:
+    ev = torch.arange(1.0, 301.0, dtype=F64)
+    big = torch.diag(ev).requires_grad_()  # N > 256: Lanczos, whose in-place work autograd refuses
+    small = torch.diag(ev[:10]).requires_grad_()  # a dense solve
+    for a, top in ((big, 300.0), (small, 10.0)):
+        result = hesse.eigsh(a, k=1, seed=0)
+        sharp = hesse.sharpness(a, seed=0)
+        assert_close(result.eigenvalues, torch.tensor([top], dtype=F64), rtol=1e-8)
+        assert_close(sharp, torch.tensor(top, dtype=F64), rtol=1e-8)
+        assert not result.eigenvalues.requires_grad and not result.eigenvectors.requires_grad
+        assert not sharp.requires_grad
+
+
+def test_non_finite_dense_forms_and_diagonals_of_operators_are_refused() -> None:
+    class NaNs(_Protocol):  # products, to_dense() and diagonal() all NaN (a diverged model)
+        def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+            return v * float("nan")
+
+        def to_dense(self) -> torch.Tensor:
+            return torch.full(self.shape, float("nan"), dtype=F64)
+
+        def diagonal(self) -> torch.Tensor:
+            return torch.full(self.shape[:1], float("nan"), dtype=F64)
+
+    a = NaNs(F64, n=10)
+    to_dense = r"A: A\.to_dense\(\) returned NaN or infinite values; check the operator"
+    diagonal = r"A: A\.diagonal\(\) returned NaN or infinite values; check the operator"
+    for call, message in (
+        (lambda: hesse.eigsh(a, k=1), to_dense),
+        (lambda: hesse.sharpness(a), to_dense),
+        (lambda: hesse.spectral_density(a), to_dense),  # had been torch's _LinAlgError
+        (lambda: hesse.trace(a, num_matvecs=10), diagonal),  # had been nan with stderr 0
+        (lambda: hesse.diagonal(a, num_matvecs=10), diagonal),
+        (lambda: hesse.diagonal(a, method="exact"), diagonal),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    # hesse's own operator over data with a NaN, N = 31: to_dense() and diagonal() paths.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).to(F64)
+    x, y = torch.randn(16, 4, dtype=F64), torch.randn(16, 1, dtype=F64)
+    x[3, 2] = float("nan")
+    h = hesse.HessianOperator(model, nn.MSELoss(), (x, y))
+    with pytest.raises(ValueError, match="A: A.to_dense"):
+        hesse.eigsh(h, k=1)
+    with pytest.raises(ValueError, match="A: A.diagonal"):
+        hesse.trace(h, num_matvecs=31)
+
+
+@pytest.mark.parametrize("how", ["exact", "budget of N"])
+def test_the_exact_diagonal_of_a_tensor_is_a_copy(how: str) -> None:
+    a = torch.full((4, 4), 0.5, dtype=F64) + torch.diag(torch.arange(1.0, 5.0, dtype=F64))
+    before = a.clone()
+    d = hesse.diagonal(a, method="exact") if how == "exact" else hesse.diagonal(a, 4)
+    assert_close(d, before.diagonal())
+    d += 10
+    assert torch.equal(a, before)
+
+
+def test_arguments_are_checked_on_the_dense_and_exact_paths_too() -> None:
+    s = torch.diag(torch.arange(1.0, 11.0, dtype=F64))  # N = 10: dense solves, exact budgets
+    seed = "seed: expected an int, a torch.Generator or None"
+    for call in (
+        lambda: hesse.eigsh(s, k=1, seed="abc"),  # type: ignore[arg-type]
+        lambda: hesse.eigsh(s, k=1, seed=1.5),  # type: ignore[arg-type]
+        lambda: hesse.sharpness(s, seed="abc"),  # type: ignore[arg-type]
+        lambda: hesse.trace(s, num_matvecs=10, seed="abc"),  # type: ignore[arg-type]
+        lambda: hesse.diagonal(s, num_matvecs=10, seed="abc"),  # type: ignore[arg-type]
+        lambda: hesse.diagonal(s, method="exact", seed="abc"),  # type: ignore[arg-type]
+        lambda: hesse.spectral_density(s, seed="abc"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=seed):
+            call()
+    with pytest.raises(ValueError, match="max_basis: must exceed k = 3, got 3"):
+        hesse.eigsh(s, k=3, max_basis=3)
+    with pytest.raises(ValueError, match="tol: expected a finite number > 0"):
+        hesse.sharpness(s, tol=-1.0)
+    with pytest.raises(TypeError, match="tol: expected a positive number"):
+        hesse.sharpness(s, tol="x")  # type: ignore[arg-type]
+
+
+def test_eigsh_with_v0_leaves_the_global_generator_alone() -> None:
+    a = torch.diag(torch.arange(1.0, 301.0, dtype=F64))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    result = hesse.eigsh(a, k=1, v0=torch.ones(300, dtype=F64))  # seed=None: not needed
+    assert torch.equal(torch.get_rng_state(), before)
+    assert_close(result.eigenvalues, torch.tensor([300.0], dtype=F64), rtol=1e-8)
+
+
+def test_a_complex_v0_is_refused() -> None:
+    a = torch.diag(torch.arange(1.0, 301.0, dtype=F64))
+    for v0 in (torch.ones(300, dtype=torch.complex128), 1j * torch.ones(300, dtype=F64)):
+        with pytest.raises(TypeError, match=r"v0: expected a real tensor, got torch\.complex128"):
+            hesse.eigsh(a, k=1, v0=v0)
+
+
+@pytest.mark.parametrize("width", [5, 70])  # N = 31 (dense) and N = 421 (Lanczos)
+def test_loss_sharpness_names_its_own_arguments_for_a_non_finite_hessian(width: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 1)).to(F64)
+    x, y = torch.randn(16, 4, dtype=F64), torch.randn(16, 1, dtype=F64)
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^inputs, target: the loss Hessian contains NaN"):
+        hesse.loss_sharpness(model, nn.MSELoss(), x, y)

@@ -734,7 +734,8 @@ def loss_sharpness(
             ``chunk_size`` has the wrong type.
         ValueError: ``params`` names no parameter of the model or selects none; a selected
             parameter is NaN or infinite; the batch is empty; the loss is not a scalar
-            (``reduction="none"``); ``chunk_size < 1``.
+            (``reduction="none"``); ``chunk_size < 1``; the loss Hessian has NaN or infinite
+            entries (data with them).
         MemoryBudgetError: The dense Hessian (N <= 256) would not fit in the device's memory.
 
     Examples:
@@ -747,12 +748,19 @@ def loss_sharpness(
         tensor(4.)
     """
     what = "loss_sharpness"
+    # Named after what the user passed: the spectral tools' "A:" is no argument here.
+    not_finite = ValueError(
+        "inputs, target: the loss Hessian contains NaN or infinite values; check the data and "
+        "the model's parameters."
+    )
 
     def build() -> Tensor:
         c = _loss_curvature(model, criterion, inputs, target, params)
         dtype = c.layout.dtype
         if c.layout.numel <= DENSE_LIMIT:
             matrix = _matrix(c, False, check_chunk_size(chunk_size), what)
+            if not bool(torch.isfinite(matrix).all()):
+                raise not_finite
             return dense_sharpness(matrix).to(dtype)
         # Matrix-free: Lanczos on products, far cheaper than forming N x N and solving it. A
         # residual of eps^0.625 (1.6e-10 in float64) puts the eigenvalue within about eps of
@@ -760,7 +768,13 @@ def loss_sharpness(
         batch = Batch(normalize_inputs(inputs), normal_target(target))
         op = HessianOperator(model, criterion, batch, params, training=training)
         tol = torch.finfo(torch.promote_types(dtype, torch.float32)).eps ** 0.625  # half: in f32
-        return sharpness(op, seed=0, tol=tol).to(dtype)  # reproducible; global RNG untouched
+        try:
+            value = sharpness(op, seed=0, tol=tol)  # reproducible; global RNG untouched
+        except ValueError as err:
+            if not str(err).startswith("A: a product A @ V returned NaN or infinite values"):
+                raise
+            raise not_finite from None
+        return value.to(dtype)
 
     return _run(model, build, training)
 

@@ -88,24 +88,78 @@ def _check_symmetric(a: Tensor) -> None:
         )
 
 
+def _check_real(a: Any) -> None:
+    """Refuse ``A`` unless its dtype is a real floating torch.dtype.
+
+    The algorithms would return wrong numbers for a complex one, and fail deep inside torch for
+    an integer or a NumPy one.
+    """
+    dtype = a.dtype
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return
+    tensor = isinstance(a, Tensor)
+    if not isinstance(dtype, torch.dtype):
+        given = f"{type(a).__module__}.{type(a).__name__} of dtype {dtype!r}"
+        fix = (
+            "convert an array with torch.as_tensor(A), or give the operator a torch dtype such "
+            "as torch.float64"
+        )
+    elif dtype.is_complex:
+        given = str(dtype)
+        fix = (
+            "hesse's spectral tools take real symmetric matrices (complex Hermitian ones are "
+            "not supported); if its entries are real, "
+            + ("convert it with A.real" if tensor else "give the operator a real dtype")
+        )
+    else:
+        given = str(dtype)
+        fix = (
+            "convert it with A.double()"
+            if tensor
+            else "give the operator a floating dtype such as torch.float64, with products in it"
+        )
+    kind = "matrix" if tensor else "operator"
+    raise TypeError(f"A: expected a real floating-point {kind}, got {given}; {fix}.")
+
+
+def _finite(out: Tensor, what: str) -> Tensor:
+    """``out``, what ``what`` returned, if it is finite; a ValueError naming ``A`` otherwise."""
+    # One sum, not a pass of isfinite: NaN and infinities survive it.
+    if not bool(torch.isfinite(out.sum())):
+        raise ValueError(
+            f"A: {what} returned NaN or infinite values; check the operator (a model whose loss "
+            "or parameters are not finite, or data with NaN or infinite values)."
+        )
+    return out
+
+
 def _linear(a: Any) -> _Linear:
     if isinstance(a, Tensor):
         if a.ndim != 2 or a.shape[0] != a.shape[1]:
             raise ValueError(
                 f"A: expected a square (N, N) tensor or an operator, got shape {tuple(a.shape)}."
             )
-        if not a.is_floating_point():
-            raise TypeError(f"A: expected a floating-point matrix, got {a.dtype}.")
+        _check_real(a)
         _check_symmetric(a)
-        m = a.float() if a.dtype in _HALF else a
+        # Detached: results carry no graph, and the algorithms' in-place work (out=, add_) on
+        # products would be refused for a tensor that requires grad.
+        m = (a.float() if a.dtype in _HALF else a).detach()
         return _Linear(
-            m.shape[0], m.dtype, m.device, lambda v: m @ v, lambda: m, m.diagonal, 0, fresh=True
+            m.shape[0],
+            m.dtype,
+            m.device,
+            lambda v: m @ v,
+            lambda: m,
+            lambda: m.diagonal().clone(),  # a view of A would let the caller edit A
+            0,
+            fresh=True,
         )
     if not isinstance(a, SymmetricOperator):
         raise TypeError(
             "A: expected a symmetric (N, N) tensor or an operator with .shape, .dtype, .device "
             f"and A @ V (such as hesse.HessianOperator), got {type(a).__name__}."
         )
+    _check_real(a)
     shape = tuple(a.shape)
     if len(shape) != 2 or shape[0] != shape[1]:
         raise ValueError(f"A: expected a square (N, N) operator, got shape {shape}.")
@@ -125,27 +179,19 @@ def _linear(a: Any) -> _Linear:
                 f"A: A @ V returned shape {tuple(out.shape)} for V of shape {tuple(v.shape)}; "
                 "an operator must map (N, K) to (N, K)."
             )
-        out = out.to(work)
-        # One sum, not a pass of isfinite: NaN and infinities survive it.
-        if not bool(torch.isfinite(out.sum())):
-            raise ValueError(
-                "A: a product A @ V returned NaN or infinite values; check the operator (a "
-                "model whose loss or parameters are not finite, or data with NaN or infinite "
-                "values)."
-            )
-        return out
+        return _finite(out.to(work), "a product A @ V")
 
     def dense() -> Tensor:
         to_dense = getattr(a, "to_dense", None)
         if callable(to_dense):
-            return to_dense().to(work)
+            return _finite(to_dense().to(work), "A.to_dense()")
         return matmat(torch.eye(n, dtype=work, device=a.device))
 
     def diagonal() -> Tensor:
         exact = getattr(a, "diagonal", None)
         if callable(exact):
             with suppress(NotImplementedError):  # a sum with a part that has none
-                return exact().to(work)
+                return _finite(exact().to(work), "A.diagonal()")
         return dense().diagonal()
 
     if isinstance(a, Operator):
@@ -310,9 +356,13 @@ def eigsh(
             random vector drawn from ``seed``; for ``which="LA"`` or ``"LM"`` on hesse's
             curvature operators, plus the loss gradient (same norm), which lies mostly in
             the top eigenvectors' span (Gur-Ari et al., 2018): 28 instead of 33 products on
-            the benchmarks' Hessian. Unused when N <= 256 (solved densely).
-        seed: An int or a ``torch.Generator`` for the random start vector (unused with
-            ``v0``); ``None`` draws a seed from torch's global generator.
+            the benchmarks' Hessian. Lanczos finds only eigenvectors the start vector has a
+            component along: a ``v0`` orthogonal to the top eigenvector returns the next one,
+            flagged converged (no stopping rule can tell); a random start has such a
+            component with probability 1. Unused when N <= 256 (solved densely).
+        seed: An int or a ``torch.Generator`` for the random start vector; with ``v0``, used
+            only should Lanczos exhaust its Krylov space and need a fresh direction. ``None``
+            draws a seed from torch's global generator (left alone when none is needed).
 
     Returns:
         An `EigenResult`: ``eigenvalues`` ``(k,)`` in ascending order, ``eigenvectors``
@@ -325,9 +375,9 @@ def eigsh(
             number ``> 0``, a negative ``max_iter``, a ``max_basis`` below 2 or not above
             ``k``, a non-square or non-symmetric dense ``A``, or a ``v0`` of the wrong shape,
             zero or not finite.
-        TypeError: ``A`` is neither a floating-point tensor nor an operator; a non-integer
-            ``k``, ``max_iter`` or ``max_basis``; a ``v0`` that is not a tensor; a ``seed``
-            that is not an int, a generator or None.
+        TypeError: ``A`` is neither a tensor nor an operator, or not of a real floating dtype;
+            a non-integer ``k``, ``max_iter`` or ``max_basis``; a ``v0`` that is not a real
+            tensor; a ``seed`` that is not an int, a generator or None.
 
     Examples:
         The eigenvalues of ``diag(1, ..., 300)`` are its entries; the two largest come last:
@@ -362,6 +412,10 @@ def eigsh(
             f"k: must be smaller than N = {n} for an iterative solver, got k = {k}; for all "
             "eigenvalues use torch.linalg.eigh(A.to_dense())."
         )
+    # Checked whichever path solves it: a small matrix accepts only what a large one does.
+    if max_basis is not None and max_basis <= k:
+        raise ValueError(f"max_basis: must exceed k = {k}, got {max_basis}.")
+    seed = check_seed(seed)
     start = None if v0 is None else _start_vector(v0, lin)
     with lin.session():
         result = _eigsh(
@@ -384,6 +438,11 @@ def _start_vector(v0: Any, lin: _Linear) -> Tensor:
         raise TypeError(f"v0: expected a tensor of shape ({lin.n},), got {type(v0).__name__}.")
     if v0.shape != (lin.n,):
         raise ValueError(f"v0: expected shape ({lin.n},), got {tuple(v0.shape)}.")
+    if v0.is_complex():  # casting would drop the imaginary part
+        raise TypeError(
+            f"v0: expected a real tensor, got {v0.dtype}; pass v0.real if the imaginary part "
+            "is rounding error."
+        )
     start = v0.detach().to(device=lin.device, dtype=lin.dtype)
     if not bool(torch.isfinite(start).all()) or not float(torch.linalg.vector_norm(start)) > 0:
         raise ValueError("v0: expected a finite, non-zero start vector.")
@@ -425,17 +484,26 @@ def _eigsh(
     if n <= DENSE_LIMIT:
         matrix = lin.dense()
         values, vectors = torch.linalg.eigh(matrix)
+        # Relative to max |λ| over the whole spectrum, as in Lanczos and the docstring: the
+        # wanted eigenvalues alone (near 0 for which="SA" on a PSD matrix) would make rounding
+        # errors look unconverged.
+        scale = values.abs().max().clamp_min(torch.finfo(lin.dtype).tiny)
         idx = _order(values, which)[:k]
         values, vectors = values[idx], vectors[:, idx]
         residuals = torch.linalg.vector_norm(matrix @ vectors - vectors * values, dim=0)
-        scale = values.abs().max().clamp_min(torch.finfo(lin.dtype).tiny)
         used = 0 if dense else n
         return EigenResult(values, vectors, residuals, residuals <= tol * scale + 1e-12, used)
 
     m = min(n, max_basis or max(2 * k + 20, 40))
-    if m <= k:
-        raise ValueError(f"max_basis: must exceed k = {k}, got {m}.")
-    g = _generator(seed, lin)
+    # Drawn only when needed (a random start, or a fresh direction after a breakdown): with v0
+    # the seed, and torch's global generator, are left alone.
+    generator: list[torch.Generator] = []
+
+    def rng() -> torch.Generator:
+        if not generator:
+            generator.append(_generator(seed, lin))
+        return generator[0]
+
     # Row j is the j-th Lanczos vector: contiguous rows make the reorthogonalisation two
     # matrix-vector products on contiguous memory (a column layout cost 0.75 ms per step at
     # N = 16,522, a third of a Hessian product's time).
@@ -444,7 +512,7 @@ def _eigsh(
     # Krylov-Schur decomposition A Q = Q P + r e_lastᵀ, tridiagonal plus, after a restart,
     # an arrowhead. The residual of a Ritz pair (θ, Qs) is then ‖r‖·|s_last|, for free.
     projection = torch.zeros(m, m, dtype=lin.dtype, device=lin.device)
-    r = start if start is not None else _default_start(lin, g, which)
+    r = start if start is not None else _default_start(lin, rng(), which)
     size, matvecs = 0, 0
     # Convergence is checked after every product once the basis has a few more vectors than
     # wanted (fewer would risk settling on an interior pair).
@@ -457,7 +525,7 @@ def _eigsh(
         while size < m:
             if size > 0 and not norm > 1e-10 * largest:
                 # An invariant subspace: continue from a fresh direction orthogonal to it.
-                q = torch.randn(n, generator=g, dtype=lin.dtype, device=lin.device)
+                q = torch.randn(n, generator=rng(), dtype=lin.dtype, device=lin.device)
                 for _ in range(2):
                     q = q - rows[:size].T @ (rows[:size] @ q)
                 rows[size] = q / torch.linalg.vector_norm(q)
@@ -540,8 +608,8 @@ def sharpness(A: Any, *, tol: float | None = None, seed: Seed = None) -> Tensor:
     Raises:
         ValueError: ``A`` is not square or a dense ``A`` is not symmetric; a ``tol`` that is
             not a finite number > 0.
-        TypeError: ``A`` is neither a floating-point tensor nor an operator; a ``seed`` that
-            is not an int, a generator or None.
+        TypeError: ``A`` is neither a tensor nor an operator, or not of a real floating dtype;
+            a ``seed`` that is not an int, a generator or None.
 
     Examples:
         The most negative eigenvalue decides here, where $\lambda_{\max} = 2$:
@@ -552,8 +620,11 @@ def sharpness(A: Any, *, tol: float | None = None, seed: Seed = None) -> Tensor:
         >>> eigsh(A, k=1, which="LA").eigenvalues
         tensor([2.])
     """
+    # Checked whichever path solves it: a small matrix accepts only what a large one does.
+    tol = check_tolerance(tol)
+    seed = check_seed(seed)
     if isinstance(A, Tensor) and (A.ndim != 2 or A.shape[-1] <= DENSE_LIMIT):
-        return dense_sharpness(A)
+        return dense_sharpness(A.detach())  # no graph, as from Lanczos
     lin = _linear(A)
     if lin.n == 1:
         with lin.session():
@@ -568,8 +639,7 @@ def dense_sharpness(A: Tensor) -> Tensor:
     """
     if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A: expected square matrices (..., N, N), got {tuple(A.shape)}.")
-    if not A.is_floating_point():
-        raise TypeError(f"A: expected floating-point matrices, got {A.dtype}.")
+    _check_real(A)
     if A.shape[-1] == 0:
         raise ValueError("A: has no rows (N = 0), and so no eigenvalues; pass a nonempty matrix.")
     _check_symmetric(A)
@@ -635,8 +705,8 @@ def trace(
     Raises:
         ValueError: An unknown ``method``; ``num_matvecs`` below its minimum; a non-square or
             non-symmetric dense ``A``.
-        TypeError: ``A`` is neither a floating-point tensor nor an operator; a non-integer
-            ``num_matvecs``; a ``seed`` that is not an int, a generator or None.
+        TypeError: ``A`` is neither a tensor nor an operator, or not of a real floating dtype;
+            a non-integer ``num_matvecs``; a ``seed`` that is not an int, a generator or None.
 
     Examples:
         Rademacher probes have $z_i^2 = 1$, so Hutchinson is exact on a diagonal matrix:
@@ -658,6 +728,7 @@ def trace(
     if method not in ("hutchinson", "hutch++"):
         raise ValueError(f"method: expected 'hutchinson' or 'hutch++', got {method!r}.")
     m = integer("num_matvecs", num_matvecs, 2 if method == "hutchinson" else 3)
+    seed = check_seed(seed)  # also where an exact budget leaves it unused
     if m >= lin.n:  # N products give the exact trace: no estimate needs more
         with lin.session():
             exact = lin.diagonal().sum()
@@ -722,7 +793,7 @@ def diagonal(
     Raises:
         ValueError: An unknown ``method``; ``num_matvecs`` below its minimum; a non-square or
             non-symmetric dense ``A``.
-        TypeError: ``A`` is neither a floating-point tensor nor an operator;
+        TypeError: ``A`` is neither a tensor nor an operator, or not of a real floating dtype;
             ``method="exact"`` for an object without ``diagonal()``; a non-integer
             ``num_matvecs``; a ``seed`` that is not an int, a generator or None.
         NotImplementedError: ``method="exact"`` for a sum of operators one of which has no
@@ -737,13 +808,16 @@ def diagonal(
         tensor([1., 2., 3., 4.], dtype=torch.float64)
     """
     lin = _linear(A)
+    seed = check_seed(seed)  # also where an exact diagonal leaves it unused
     if method == "exact":
         if not callable(getattr(A, "diagonal", None)):
             raise TypeError(
                 f"method='exact' needs A.diagonal() (a dense tensor or a hesse operator); "
                 f"{type(A).__name__} has only products: use method='diag++' or 'hutchinson'."
             )
-        return A.diagonal().to(lin.dtype)
+        if isinstance(A, Tensor):
+            return lin.diagonal()  # a copy: a view would let the caller edit A
+        return _finite(A.diagonal().to(lin.dtype), "A.diagonal()")
     if method not in ("hutchinson", "diag++"):
         raise ValueError(f"method: expected 'hutchinson', 'diag++' or 'exact', got {method!r}.")
     m = integer("num_matvecs", num_matvecs, 1 if method == "hutchinson" else 3)
@@ -930,9 +1004,9 @@ def spectral_density(
             increasing 1-D grid of at least 2 points, or misses the spectrum; ``num_probes``,
             ``lanczos_steps`` or ``grid`` (an int) below their minimum; a non-square or
             non-symmetric dense ``A``.
-        TypeError: ``A`` is neither a floating-point tensor nor an operator; a non-integer
-            ``num_probes``, ``lanczos_steps`` or ``grid``; a ``sigma`` or ``seed`` of the
-            wrong type.
+        TypeError: ``A`` is neither a tensor nor an operator, or not of a real floating dtype;
+            a non-integer ``num_probes``, ``lanczos_steps`` or ``grid``; a ``sigma`` or
+            ``seed`` of the wrong type.
 
     Examples:
         Four products reach N = 4: the nodes are the exact eigenvalues, each weighted 1/4:
@@ -949,6 +1023,7 @@ def spectral_density(
     lin = _linear(A)
     if lin.n == 0:
         raise ValueError("A: has no rows (N = 0), and so no spectrum; pass a nonempty matrix.")
+    seed = check_seed(seed)  # also where an exact density leaves it unused
     probes = integer("num_probes", num_probes)
     steps = min(integer("lanczos_steps", lanczos_steps), lin.n)
     width = None if sigma is None else positive_float("sigma", sigma)
