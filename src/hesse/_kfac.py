@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from hesse._data import Batch, Dataset, as_dataset, model_fits
 from hesse._distributed import agree_on_parameters, resolve_shard
 from hesse._functional import criterion_loss, evaluate
-from hesse._layers import Record, _batched_grad, recording
+from hesse._layers import Record, _batched_grad, _uses, recording
 from hesse._layout import ParamLayout, Params
 from hesse._operators import _reduction
 from hesse._protocol import LayoutOperator
@@ -674,10 +674,15 @@ class KFACOperator(LayoutOperator):
         KFAC sees a weight only through its layer's inputs and output gradients; a second use
         in functional code (``F.linear(h, enc.weight.t())``, a tied decoder) would be dropped
         without a trace. One backward pass of a fixed random probe compares each parameter's
-        gradient with the one its layer accounts for, ``Σ_t g_t a_tᵀ``.
+        gradient with the one its layer accounts for, ``Σ_t g_t a_tᵀ``; it runs only when the
+        graph does not already show each parameter read by one operation (its layer's, which
+        ran once), as it does in plain models.
         """
-        probe = torch.randn(f.shape, generator=torch.Generator().manual_seed(0), dtype=f.dtype)
         names = [n for s in self._sites for n in (s.weight, s.bias) if n is not None]
+        uses = _uses(f, leaves)
+        if all(uses.get(id(leaves[n]), 0) == 1 for n in names):
+            return
+        probe = torch.randn(f.shape, generator=torch.Generator().manual_seed(0), dtype=f.dtype)
         with torch.enable_grad():
             got = torch.autograd.grad(
                 f,
@@ -1190,9 +1195,52 @@ class _ModelPoint:
 
 
 # Module state compared elsewhere (parameters, buffers, submodules) or not part of the function
-# the factors approximate (the training flag: KFAC runs in eval mode).
-_OWN_STATE = frozenset({"_parameters", "_buffers", "_modules", "training"})
-_TENSOR, _OBJECT = object(), object()  # `_frozen`'s markers
+# the factors approximate (the training flag: KFAC runs in eval mode; state-dict hooks).
+_OWN_STATE = frozenset(
+    {
+        "_parameters",
+        "_buffers",
+        "_modules",
+        "training",
+        "_non_persistent_buffers_set",
+        "_state_dict_hooks",
+        "_state_dict_pre_hooks",
+        "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+    }
+)
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
+
+
+class _Ref:
+    """An object compared by identity (a hook, a function, a module of the criterion)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Ref) and self.value is other.value
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _Copy:
+    """A tensor's values at the time, compared by value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value.detach().clone()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Copy):
+            return False
+        a, b = self.value, other.value
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _attributes(module: nn.Module) -> Any:
@@ -1201,40 +1249,28 @@ def _attributes(module: nn.Module) -> Any:
 
 
 def _frozen(value: Any, depth: int = 0) -> Any:
-    """``value`` in a form `_same` compares.
+    """``value`` in a form that ``==`` compares as `_same` needs.
 
-    Tensors copied, plain values kept, containers walked (two levels), any other object kept
-    to compare by identity (a hook, a function).
+    Plain values kept, tensors copied (`_Copy`), containers walked (two levels), any other
+    object kept to compare by identity (`_Ref`): built-in tuple comparison then does the rest.
     """
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
-        return value
-    if isinstance(value, (torch.dtype, torch.device)):
+    kind = type(value)
+    if kind in _PLAIN:
         return value
     if isinstance(value, Tensor):
-        return (_TENSOR, value.detach().clone())
+        return _Copy(value)
     if isinstance(value, nn.Module) and depth == 0:  # the criterion: its attributes, buffers
-        return _frozen({k: v for k, v in vars(value).items() if k != "training"}, depth)
-    if isinstance(value, (tuple, list, set, frozenset)) and depth < 2:
-        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        return (type(value), tuple(_frozen(v, depth + 1) for v in items))
-    if isinstance(value, dict) and depth < 2:
-        return (dict, tuple((k, _frozen(v, depth + 1)) for k, v in value.items()))
-    return (_OBJECT, value)
+        return _frozen({k: v for k, v in vars(value).items() if k not in _OWN_STATE - {"_buffers"}})
+    if depth < 2:
+        if isinstance(value, (tuple, list)):
+            return (kind, tuple(_frozen(v, depth + 1) for v in value))
+        if isinstance(value, dict):
+            return (dict, tuple((k, _frozen(v, depth + 1)) for k, v in value.items()))
+    return _Ref(value)
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        if len(a) != len(b):
-            return False
-        if len(a) == 2 and a[0] is _OBJECT and b[0] is _OBJECT:
-            return a[1] is b[1]
-        if len(a) == 2 and a[0] is _TENSOR and b[0] is _TENSOR:
-            x, y = a[1], b[1]
-            return bool(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y))
-        return all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return False
-    return type(a) is type(b) and bool(a == b)
+    return bool(a == b)
 
 
 def _damping(damping: Any) -> float:
