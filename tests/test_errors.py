@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -240,7 +241,28 @@ def test_a_criterion_that_takes_one_argument_is_named() -> None:
 
     with pytest.raises(TypeError, match=r"its signature is \(out\b.*\)"):
         hesse.GGNOperator(model, Penalty(), (x, y))
-    # Extra defaults, *args and partials are fine.
+
+    # Extra defaults, *args, a module's own __call__ and a decorator's wrapper are fine.
+    class Called(nn.Module):
+        def forward(self, out: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:
+            return alpha * (out - target).square().sum()
+
+        def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return self.forward(out, target, 0.5)
+
+    def supplies_scale(f: Any) -> Any:
+        @functools.wraps(f)
+        def wrapper(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return f(out, target, 2.0)
+
+        return wrapper
+
+    @supplies_scale
+    def scaled(out: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+        return scale * (out - target).square().sum()
+
+    hesse.loss_hessian_matrix(model, Called(), x, y)
+    hesse.loss_hessian_matrix(model, scaled, x, y)
     hesse.loss_hessian_matrix(
         model, lambda out, target, scale=1.0: scale * (out - target).square().sum(), x, y
     )

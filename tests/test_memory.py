@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hesse
 from hesse._memory import (
     TARGET_COLUMNS,
     MemoryBudgetError,
@@ -67,3 +68,50 @@ def test_available_bytes_and_activations() -> None:
     x = torch.randn(8, 50)
     act = activation_bytes(lambda t: torch.tanh(x @ t.view(50, 20)).sum(), w.reshape(-1))
     assert act >= 8 * 20 * 4  # at least the tanh output is saved
+
+
+def test_a_saved_view_counts_its_own_bytes_not_its_storage() -> None:
+    # One sample x[0] of a batch (or a slice of a large dataset) holds its row only: counting
+    # the whole storage charged per-sample calls B times the batch (terabytes for 80 MB).
+    x = torch.randn(4000, 250)
+    theta = torch.tensor(0.5)
+    row = activation_bytes(lambda t: (t * x[0]).pow(2).sum(), theta)
+    assert row == activation_bytes(lambda t: (t * x[0].clone()).pow(2).sum(), theta)
+    assert row < 4 * 250 * 4  # x[0] and (t x[0]), 1 KB each
+    both = activation_bytes(lambda t: (t * x[:2]).sum() * (t * x[3]).sum(), theta)
+    assert 4 * 250 * 4 <= both < 4 * 250 * 4 + 100  # rows 0..3 of x's storage, and scalars
+
+
+def test_per_sample_hessians_of_a_large_batch_are_not_refused() -> None:
+    class Scale(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.w * x).pow(2).sum(-1)  # one output per sample
+
+    x = torch.randn(20000, 1000, generator=torch.Generator().manual_seed(0))  # 80 MB
+    got = hesse.model_hessian_diagonal(Scale(), x)  # (B, 1): 78 KiB; was refused at 11.6 TiB
+    torch.testing.assert_close(got[:, 0], 2 * x.pow(2).sum(-1), rtol=1e-5, atol=0)
+
+
+def test_every_to_dense_is_guarded_before_it_allocates(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    data = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,)))
+    ggn = hesse.GGNOperator(model, nn.CrossEntropyLoss(), data)
+    kfac = hesse.KFACOperator(model, nn.CrossEntropyLoss(), data)
+    dense = {
+        "GGNOperator": ggn,
+        "KFACOperator": kfac,
+        "KFACInverse": kfac.inverse(1.0),
+        "InverseOperator": hesse.InverseOperator(ggn, damping=1.0),
+        "IdentityOperator": hesse.IdentityOperator.like(ggn),
+        "LinearCombination": 0.1 * hesse.IdentityOperator.like(ggn) + ggn,
+    }
+    monkeypatch.setattr("hesse._memory.available_bytes", lambda device: 1000)  # 23 x 23 > 1 KB
+    for name, op in dense.items():
+        with pytest.raises(MemoryBudgetError, match=rf"{name}.to_dense: needs about"):
+            op.to_dense()

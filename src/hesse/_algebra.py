@@ -20,6 +20,7 @@ from torch import Tensor
 
 from hesse._distributed import Shard
 from hesse._layout import ParamLayout
+from hesse._memory import check_dense_fits
 from hesse._protocol import Operator, check_dict, check_operand
 
 __all__ = ["IdentityOperator", "LinearCombination", "scalar"]
@@ -146,6 +147,7 @@ class IdentityOperator(Operator):
 
     def to_dense(self) -> Tensor:
         """``torch.eye(N)`` in the operator's dtype, on its device."""
+        check_dense_fits(f"{type(self).__name__}.to_dense", self._n, self._dtype, self._device)
         return torch.eye(self._n, dtype=self._dtype, device=self._device)
 
     def diagonal(self) -> Tensor:
@@ -289,6 +291,7 @@ class LinearCombination(Operator):
 
     def to_dense(self) -> Tensor:
         """``Σ c_i A_i.to_dense()``, the ``(N, N)`` matrix."""
+        check_dense_fits(f"{type(self).__name__}.to_dense", self.shape[0], self.dtype, self.device)
         with self.session():
             return sum(c * op.to_dense() for c, op in self.terms)  # type: ignore[return-value]
 

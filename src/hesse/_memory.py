@@ -16,6 +16,7 @@ __all__ = [
     "MemoryBudgetError",
     "activation_bytes",
     "available_bytes",
+    "check_dense_fits",
     "plan_chunk",
 ]
 
@@ -77,22 +78,30 @@ def available_bytes(device: torch.device) -> int | None:
 
 
 def activation_bytes(f: Callable[[Tensor], object], theta: Tensor) -> int:
-    """Bytes autograd saves for one evaluation of ``f`` at ``theta`` (its activations)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
+    """Bytes autograd saves for one evaluation of ``f`` at ``theta`` (its activations).
+
+    A saved view counts the span of its storage it reaches, not the whole storage: a
+    sample ``x[0]`` of a batch, or a slice of a large dataset, holds its own bytes only.
+    Views of one storage count once, as the span from the lowest to the highest byte any
+    of them reaches.
+    """
+    spans: dict[int, tuple[int, int]] = {}
 
     def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += key[1]
+        if t.numel():
+            size = t.element_size()
+            start = int(t.storage_offset()) * size
+            reach = sum((int(n) - 1) * abs(int(s)) for n, s in zip(t.shape, t.stride()))
+            end = start + (reach + 1) * size
+            ptr = t.untyped_storage().data_ptr()
+            lo, hi = spans.get(ptr, (start, end))
+            spans[ptr] = (min(lo, start), max(hi, end))
         return t
 
     t = theta.detach().requires_grad_()
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         f(t)
-    return total
+    return sum(hi - lo for lo, hi in spans.values())
 
 
 def format_bytes(n: float) -> str:
@@ -177,3 +186,33 @@ def plan_chunk(
             working_set=True,
         )
     return ChunkPlan(chunk, out_bytes, working, available)
+
+
+def check_dense_fits(
+    what: str,
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    alternatives: Sequence[Alternative] = (),
+) -> None:
+    """Refuse an operator's ``(N, N)`` matrix before allocating it when it would not fit.
+
+    Raises:
+        MemoryBudgetError: ``N x N`` entries of ``dtype`` exceed the available memory.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    plan_chunk(
+        what=what,
+        n=n,
+        lead=(),
+        output_shape=(n, n),
+        dtype=dtype,
+        device=device,
+        chunk_size=1,
+        activations=lambda: 0,
+        alternatives=[
+            ("products op @ V with fewer columns", None),
+            ("op.diagonal()", n * itemsize),
+            *alternatives,
+        ],
+    )

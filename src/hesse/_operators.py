@@ -43,7 +43,7 @@ from hesse._layers import (
     sampled_factor,
 )
 from hesse._layout import ParamLayout, Params
-from hesse._memory import TARGET_COLUMNS, plan_chunk
+from hesse._memory import TARGET_COLUMNS, check_dense_fits
 from hesse._protocol import LayoutOperator
 from hesse._scratch import Scratch
 from hesse._state import check_training, model_scope
@@ -640,21 +640,8 @@ class CurvatureOperator(LayoutOperator):
         return out.div_(count) if mean else out
 
     def _check_fits(self, shape: tuple[int, ...]) -> None:
-        plan_chunk(
-            what=f"{type(self).__name__}.to_dense",
-            n=shape[-1],
-            lead=(),
-            output_shape=shape,
-            dtype=self.dtype,
-            device=self.device,
-            chunk_size=1,
-            activations=lambda: 0,
-            alternatives=[
-                ("products op @ V with fewer columns", None),
-                ("op.diagonal()", shape[-1] * self.dtype.itemsize),
-                ("params=[...]", None),
-            ],
-        )
+        what = f"{type(self).__name__}.to_dense"
+        check_dense_fits(what, shape[-1], self.dtype, self.device, [("params=[...]", None)])
 
     def _check_deterministic(self) -> None:
         def fingerprints() -> list[tuple[float, float]]:

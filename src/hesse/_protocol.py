@@ -24,6 +24,7 @@ from torch import Tensor
 
 from hesse._distributed import Shard
 from hesse._layout import ParamLayout
+from hesse._memory import check_dense_fits
 from hesse._validate import normal_tensor
 
 __all__ = ["LayoutOperator", "Operator", "SymmetricOperator"]
@@ -120,8 +121,13 @@ class Operator(ABC):
 
         Returns:
             ``(N, N)`` in the operator's dtype, on its device.
+
+        Raises:
+            MemoryBudgetError: The matrix would not fit in the device's memory (checked
+                before allocating).
         """
         n = self.shape[0]
+        check_dense_fits(f"{type(self).__name__}.to_dense", n, self.dtype, self.device)
         return self @ torch.eye(n, dtype=self.dtype, device=self.device)
 
     def to_scipy(self) -> Any:

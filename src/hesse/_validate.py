@@ -67,7 +67,9 @@ def check_criterion(criterion: Any) -> Callable[..., Tensor]:
             f"criterion: expected a callable loss such as torch.nn.MSELoss(), got "
             f"{type(criterion).__name__}."
         )
-    signature = _signature(criterion.forward if isinstance(criterion, nn.Module) else criterion)
+    # A module is called through forward unless its class overrides __call__.
+    plain = isinstance(criterion, nn.Module) and type(criterion).__call__ is nn.Module.__call__
+    signature = _signature(criterion.forward if plain else criterion)
     if signature is not None:
         try:
             signature.bind(None, None)
@@ -82,7 +84,8 @@ def check_criterion(criterion: Any) -> Callable[..., Tensor]:
 
 def _signature(function: Callable[..., Any]) -> inspect.Signature | None:
     try:
-        return inspect.signature(function)
+        # Not the signature of what a decorator wraps: the wrapper is what hesse calls.
+        return inspect.signature(function, follow_wrapped=False)
     except (TypeError, ValueError):  # builtins without one: called as they are
         return None
 
