@@ -40,6 +40,8 @@ def test_params_of_wrong_type() -> None:
         hesse.model_hessian_matrix(model, x, params=[0])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="params: expected None, a parameter name"):
         hesse.model_hessian_matrix(model, x, params=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="params: expected None, .* got bytes"):  # not its ints
+        hesse.model_hessian_matrix(model, x, params=b"weight")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"params\[0\]: a tensor of shape \(2,\) that is not"):
         hesse.model_hessian_matrix(model, x, params=[torch.zeros(2)])
 
@@ -301,7 +303,11 @@ def test_memory_guard_fires_before_allocating() -> None:
     message = str(info.value)
     assert "loss_hessian_matrix: needs about 336.4 GiB" in message
     assert "300500 x 300500 torch.float32" in message
-    for alternative in ("the exact diagonal (*_hessian_diagonal) (1.1 MiB)", "params=", "Operator"):
+    for alternative in (
+        "the exact diagonal (hesse.loss_hessian_diagonal) (1.1 MiB)",
+        "params=",
+        "Operator",
+    ):
         assert alternative in message
     # Not named: the blocks of diagonal_only (335 GiB) and a smaller chunk (the result alone
     # does not fit) would not help.

@@ -115,3 +115,22 @@ def test_every_to_dense_is_guarded_before_it_allocates(monkeypatch: pytest.Monke
     for name, op in dense.items():
         with pytest.raises(MemoryBudgetError, match=rf"{name}.to_dense: needs about"):
             op.to_dense()
+
+
+def test_refusals_suggest_only_calls_that_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    model = nn.Linear(30, 20)
+    x, y = torch.randn(4, 30), torch.randn(4, 20)
+    monkeypatch.setattr("hesse._memory.available_bytes", lambda device: 2_000_000)
+    with pytest.raises(MemoryBudgetError) as info:
+        hesse.model_hessian_matrix(model, x)
+    assert "(hesse.model_hessian_diagonal)" in str(info.value)
+    # No per-sample loss diagonal exists, and no diagonal gives a sharpness.
+    for call in (
+        lambda: hesse.per_sample_loss_hessian(model, nn.MSELoss(), x, y),
+        lambda: hesse.model_sharpness(model, x),
+    ):
+        with pytest.raises(MemoryBudgetError) as info:
+            call()
+        assert "diagonal" not in str(info.value)

@@ -69,6 +69,8 @@ class Curvature:
     columns: Callable[[ParamLayout, Tensor, slice], ColumnFn]
     activations: Callable[[ParamLayout, Tensor], int]
     layered: Callable[[Tensor], dict[str, Tensor]] | None = None
+    # The public call that gives this map's exact diagonal, to suggest; None: there is none.
+    diagonal: str | None = "hesse.model_hessian_diagonal"
 
 
 def model_curvature(
@@ -145,7 +147,9 @@ def loss_curvature(
             batch,
         )
 
-    return Curvature(model, layout, (), columns, activations, layered)
+    return Curvature(
+        model, layout, (), columns, activations, layered, "hesse.loss_hessian_diagonal"
+    )
 
 
 def sample_loss_curvature(
@@ -168,7 +172,7 @@ def sample_loss_curvature(
         g = sample_loss_function(model, sub.unflatten, criterion)
         return b * activation_bytes(lambda t: g(t, *(x[0] for x in samples)), theta)
 
-    return Curvature(model, layout, (b,), columns, activations)
+    return Curvature(model, layout, (b,), columns, activations, diagonal=None)
 
 
 def check_independent_samples(
@@ -262,10 +266,8 @@ def alternatives(c: Curvature, *, diagonal: bool = True) -> list[Alternative]:
     itemsize = c.layout.dtype.itemsize
     lanes = math.prod(c.lead)
     options: list[Alternative] = []
-    if diagonal:
-        options.append(
-            ("the exact diagonal (*_hessian_diagonal)", c.layout.numel * lanes * itemsize)
-        )
+    if diagonal and c.diagonal is not None:
+        options.append((f"the exact diagonal ({c.diagonal})", c.layout.numel * lanes * itemsize))
     if len(c.layout.names) > 1:
         blocks = sum(k * k for k in c.layout.numels) * lanes * itemsize
         options.append(("diagonal_only=True in dict form", blocks))
@@ -292,7 +294,10 @@ def _plan(
         device=sub.device,
         chunk_size=chunk_size,
         activations=lambda: c.activations(sub, theta),
-        alternatives=alternatives(c, diagonal=len(out) > len(c.lead) + 1),
+        # A diagonal is no substitute for the eigenvalues sharpness needs.
+        alternatives=alternatives(
+            c, diagonal=len(out) > len(c.lead) + 1 and not what.endswith("sharpness")
+        ),
     ).chunk
 
 

@@ -267,7 +267,8 @@ def select_parameters(model: nn.Module, params: Params = None) -> list[tuple[str
     by_id = {id(p): n for n, p in canonical}
     if isinstance(params, (str, Tensor)):
         params = [params]
-    if not isinstance(params, Iterable) or isinstance(params, dict):
+    # bytes iterate as ints, a dict as its keys: neither is what was meant.
+    if not isinstance(params, Iterable) or isinstance(params, (dict, bytes, bytearray)):
         raise TypeError(
             "params: expected None, a parameter name or glob pattern, a Parameter, or a list "
             f"of them, got {type(params).__name__}; for example params=['fc.weight'] or "
