@@ -126,6 +126,9 @@ def test_refusals_suggest_only_calls_that_exist(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(MemoryBudgetError) as info:
         hesse.model_hessian_matrix(model, x)
     assert "(hesse.model_hessian_diagonal)" in str(info.value)
+    # The dict form's blocks are planned one by one: the refusal names the block.
+    with pytest.raises(MemoryBudgetError, match=r"model_hessian_dict, block 'weight': needs"):
+        hesse.model_hessian_dict(model, x, diagonal_only=True)
     # No per-sample loss diagonal exists, and no diagonal gives a sharpness.
     for call in (
         lambda: hesse.per_sample_loss_hessian(model, nn.MSELoss(), x, y),

@@ -138,7 +138,11 @@ def _sample_loss_curvature(
 
 def _diagonal_blocks(c: Curvature, chunk_size: int | None, what: str) -> dict[str, Tensor]:
     """``{P: (*lead, n_P, n_P)}``: only the diagonal blocks are computed."""
-    return {name: dense(c, c.layout.restrict([name]), chunk_size, what) for name in c.layout.names}
+    # Each block is planned (and refused) on its own: the message names it.
+    return {
+        name: dense(c, c.layout.restrict([name]), chunk_size, f"{what}, block {name!r}")
+        for name in c.layout.names
+    }
 
 
 def _matrix(c: Curvature, diagonal_only: bool, chunk_size: int | None, what: str) -> Tensor:
