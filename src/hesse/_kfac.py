@@ -712,10 +712,11 @@ class KFACOperator(LayoutOperator):
                 if float((full - mine).norm()) > tol * float(full.norm() + mine.norm()):
                     where = site.path or "(the model)"
                     raise ValueError(
-                        f"params: {name} is also used outside its layer {where} "
-                        "(a weight tied in functional code, such as "
-                        "F.linear(h, encoder.weight.t())), which KFAC would drop. Exclude "
-                        "it with params=[...], or use hesse.GGNOperator."
+                        f"params: {name} enters the model other than as W a + b of its layer "
+                        f"{where}: also used outside it (a weight tied in functional code, "
+                        "such as F.linear(h, encoder.weight.t())), or scaled by a layer "
+                        "subclass. KFAC's factors would miss that. Exclude it with "
+                        "params=[...], or use hesse.GGNOperator."
                     )
 
     def _gradients(self, site: _Site, g: Tensor) -> Tensor:
