@@ -418,6 +418,7 @@ class _Caching(nn.Module):
         self.calls = 0
         self.last: Tensor | None = None
         self.mask = torch.tensor([float("nan")])  # a plain tensor attribute, never equal to itself
+        self.register_buffer("calibration", torch.full((2,), float("nan")))  # unused, NaN
         self.adjacency = torch.eye(3).to_sparse()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -517,6 +518,30 @@ def test_a_weight_also_used_in_functional_code_is_refused_and_hooks_are_followed
     hooked[0].register_forward_hook(lambda module, args, out: 2 * out)
     expected = KFACOperator(plain, nn.MSELoss(), (x, y)).to_dense()
     assert_close(KFACOperator(hooked, nn.MSELoss(), (x, y)).to_dense(), expected)
+
+
+class _Attention(nn.Module):
+    """Separate q, k, v projections with biases: softmax ignores the key's bias entirely."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 6**0.5, -1)
+        return self.out((weights @ self.v(x)).mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_bias_the_model_ignores_is_no_second_use(dtype: torch.dtype) -> None:
+    # k.bias's gradient is rounding noise in both sums the layer-use check compares.
+    model = _Attention().to(dtype)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(16, 5, 6, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (16,), generator=g)
+    op = KFACOperator(model, nn.CrossEntropyLoss(), (x, y))  # refused as a "second use" before
+    assert bool(torch.isfinite(op.to_dense()).all())
 
 
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical", "forward-only"])

@@ -75,11 +75,14 @@ def test_a_saved_view_counts_its_own_bytes_not_its_storage() -> None:
     # the whole storage charged per-sample calls B times the batch (terabytes for 80 MB).
     x = torch.randn(4000, 250)
     theta = torch.tensor(0.5)
-    row = activation_bytes(lambda t: (t * x[0]).pow(2).sum(), theta)
-    assert row == activation_bytes(lambda t: (t * x[0].clone()).pow(2).sum(), theta)
+    row = activation_bytes(lambda t: (t * x[0]).pow(2).sum(), theta, [x])
+    assert row == activation_bytes(lambda t: (t * x[0].clone()).pow(2).sum(), theta, [x])
     assert row < 4 * 250 * 4  # x[0] and (t x[0]), 1 KB each
-    both = activation_bytes(lambda t: (t * x[:2]).sum() * (t * x[3]).sum(), theta)
+    both = activation_bytes(lambda t: (t * x[:2]).sum() * (t * x[3]).sum(), theta, [x])
     assert 4 * 250 * 4 <= both < 4 * 250 * 4 + 100  # rows 0..3 of x's storage, and scalars
+    # A crop of an intermediate keeps all of it alive: that storage counts whole.
+    crop = activation_bytes(lambda t: (t * (x * 2)[:1, :8]).sum(), theta, [x])
+    assert crop >= 4000 * 250 * 4
 
 
 def test_per_sample_hessians_of_a_large_batch_are_not_refused() -> None:

@@ -291,7 +291,9 @@ class LinearCombination(Operator):
 
     def to_dense(self) -> Tensor:
         """``Σ c_i A_i.to_dense()``, the ``(N, N)`` matrix."""
-        check_dense_fits(f"{type(self).__name__}.to_dense", self.shape[0], self.dtype, self.device)
+        # The sum so far, a term's matrix and its multiple.
+        what = f"{type(self).__name__}.to_dense"
+        check_dense_fits(what, self.shape[0], self.dtype, self.device, copies=3)
         with self.session():
             return sum(c * op.to_dense() for c, op in self.terms)  # type: ignore[return-value]
 

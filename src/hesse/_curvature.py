@@ -88,7 +88,7 @@ def model_curvature(
         return fallbacks(hessian_columns(f, theta[window], scalar=scalar))
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
-        return activation_bytes(model_function(model, sub.unflatten, args), theta)
+        return activation_bytes(model_function(model, sub.unflatten, args), theta, args)
 
     return Curvature(model, layout, output_shape, columns, activations)
 
@@ -110,7 +110,7 @@ def sample_model_curvature(
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
         g = sample_model_function(model, sub.unflatten, sample_shape)
-        return b * activation_bytes(lambda t: g(t, *(x[0] for x in args)), theta)
+        return b * activation_bytes(lambda t: g(t, *(x[0] for x in args)), theta, args)
 
     def layered(theta: Tensor) -> dict[str, Tensor]:
         # The batch evaluated at once equals each sample alone: the callers check independence.
@@ -134,7 +134,8 @@ def loss_curvature(
         return fallbacks(hessian_columns(f, theta[window], scalar=True))
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
-        return activation_bytes(loss_function(model, sub.unflatten, criterion, args, target), theta)
+        f = loss_function(model, sub.unflatten, criterion, args, target)
+        return activation_bytes(f, theta, (*args, target))
 
     def layered(theta: Tensor) -> dict[str, Tensor]:
         first = args[0] if args else None
@@ -170,7 +171,7 @@ def sample_loss_curvature(
 
     def activations(sub: ParamLayout, theta: Tensor) -> int:
         g = sample_loss_function(model, sub.unflatten, criterion)
-        return b * activation_bytes(lambda t: g(t, *(x[0] for x in samples)), theta)
+        return b * activation_bytes(lambda t: g(t, *(x[0] for x in samples)), theta, samples)
 
     return Curvature(model, layout, (b,), columns, activations, diagonal=None)
 
@@ -258,19 +259,21 @@ def _gap(together: Tensor, alone: Tensor) -> float:
 # ----------------------------------------------------------------------- dense and diagonal
 
 
-def alternatives(c: Curvature, *, diagonal: bool = True) -> list[Alternative]:
+def alternatives(c: Curvature, *, diagonal: bool = True, blocks: bool = True) -> list[Alternative]:
     """Cheaper calls than a dense result, with their result sizes.
 
-    ``diagonal=False`` when the failing call is the diagonal itself.
+    ``diagonal=False`` when the failing call is the diagonal itself; ``blocks=False`` when it
+    already asks for the diagonal blocks only. Neither exists where ``c.diagonal`` is None
+    (per-sample loss Hessians).
     """
     itemsize = c.layout.dtype.itemsize
     lanes = math.prod(c.lead)
     options: list[Alternative] = []
     if diagonal and c.diagonal is not None:
         options.append((f"the exact diagonal ({c.diagonal})", c.layout.numel * lanes * itemsize))
-    if len(c.layout.names) > 1:
-        blocks = sum(k * k for k in c.layout.numels) * lanes * itemsize
-        options.append(("diagonal_only=True in dict form", blocks))
+    if blocks and c.diagonal is not None and len(c.layout.names) > 1:
+        size = sum(k * k for k in c.layout.numels) * lanes * itemsize
+        options.append(("diagonal_only=True in dict form", size))
     options.append(("params=[...] to select fewer parameters", None))
     if not c.lead:  # a loss: its curvature is also available matrix-free
         options.append(("a matrix-free hesse.HessianOperator with hesse.eigsh / hesse.trace", None))
@@ -294,9 +297,12 @@ def _plan(
         device=sub.device,
         chunk_size=chunk_size,
         activations=lambda: c.activations(sub, theta),
-        # A diagonal is no substitute for the eigenvalues sharpness needs.
+        # Diagonals and blocks are no substitute for the eigenvalues sharpness needs; a call
+        # planned block by block already asks for the blocks only.
         alternatives=alternatives(
-            c, diagonal=len(out) > len(c.lead) + 1 and not what.endswith("sharpness")
+            c,
+            diagonal=len(out) > len(c.lead) + 1 and not what.endswith("sharpness"),
+            blocks=not what.endswith("sharpness") and ", block " not in what,
         ),
     ).chunk
 

@@ -189,7 +189,9 @@ class _Gradients:
         g = sample_loss_function(self.op.model, self.layout.unflatten, self.op.criterion)
         assert sample.target is not None
         target, inputs = sample.target[0], tuple(x[0] for x in sample.inputs)
-        act = activation_bytes(lambda t: g(t, target, *inputs), self.op._state.theta)
+        act = activation_bytes(
+            lambda t: g(t, target, *inputs), self.op._state.theta, (*sample.inputs, sample.target)
+        )
         per_sample = 3 * n * itemsize + ACTIVATION_FACTOR * act
         chunk = chunk_size or TARGET_COLUMNS
         available = available_bytes(self.layout.device)

@@ -680,7 +680,8 @@ class KFACOperator(LayoutOperator):
         gradient with the one its layer accounts for, ``Σ_t g_t a_tᵀ``. The same check refuses
         a layer that does not compute ``W a + b`` with its parameters as they are (a subclass
         scaling its weight). It runs always: a graph read count misses a tie under autocast,
-        which casts the weight once for both uses.
+        which casts the weight once for both uses. In float16/bfloat16 models a second use whose
+        share of the gradient is within the rounding of the sums can pass unnoticed.
         """
         names = [n for s in self._sites for n in (s.weight, s.bias) if n is not None]
         probe = torch.randn(f.shape, generator=torch.Generator().manual_seed(0), dtype=f.dtype)
@@ -694,22 +695,31 @@ class KFACOperator(LayoutOperator):
             )
         total = dict(zip(names, got[: len(names)]))
         # Rounding of the two sums, but never so loose that a second use of a weight hides
-        # (half precision: 0.31 and 0.88 uncapped).
-        tol = min(0.1, 10 * torch.finfo(self.dtype).eps ** 0.5)
+        # (half precision: 0.31 and 0.88 uncapped) ...
+        eps = torch.finfo(self.dtype).eps
+        tol = min(0.1, 10 * eps**0.5)
+        # ... and rounding of terms that cancel: a bias the model then ignores (a key's under
+        # softmax, a convolution's before instance norm) has a gradient of pure rounding
+        # noise, of the size of its terms Σ_t |g_t| |a_t| times eps, in both sums.
+        floor = min(tol, 10 * eps)
         for site, a, gz in zip(self._sites, inputs, got[len(names) :]):
             if gz is None:
                 continue
             g = self._gradients(site, gz[None])[0]  # (B, T, d_out)
+            g_norms = g.norm(dim=-1)
             local = {}
             if site.weight is not None:
-                local[site.weight] = torch.einsum("bto,bti->oi", g, a[..., : site.d_in])
+                x = a[..., : site.d_in]
+                terms = float((g_norms * x.norm(dim=-1)).sum())
+                local[site.weight] = (torch.einsum("bto,bti->oi", g, x), terms)
             if site.bias is not None:
-                local[site.bias] = g.sum((0, 1))
-            for name, mine in local.items():
+                local[site.bias] = (g.sum((0, 1)), float(g_norms.sum()))
+            for name, (mine, terms) in local.items():
                 full = total[name]
                 full = torch.zeros_like(mine) if full is None else full.reshape(mine.shape)
                 full = full.to(mine.dtype)
-                if float((full - mine).norm()) > tol * float(full.norm() + mine.norm()):
+                size = tol * float(full.norm() + mine.norm()) + floor * terms
+                if float((full - mine).norm()) > size:
                     where = site.path or "(the model)"
                     raise ValueError(
                         f"params: {name} enters the model other than as W a + b of its layer "
@@ -840,7 +850,10 @@ class KFACOperator(LayoutOperator):
         """
         self._check_point()
         n = self.shape[0]
-        check_dense_fits(f"{type(self).__name__}.to_dense", n, self._factor_dtype, self.device)
+        copies = 1 if self._factor_dtype == self.dtype else 2  # and its copy in the dtype
+        check_dense_fits(
+            f"{type(self).__name__}.to_dense", n, self._factor_dtype, self.device, copies=copies
+        )
         dense = torch.zeros(n, n, dtype=self._factor_dtype, device=self.device)
         for block in self._blocks:
             rows = self._indices(block)
@@ -1188,7 +1201,7 @@ class _ModelPoint:
         if replaced:
             return f"{replaced[0]} was replaced by another tensor"
         for name, now, then in zip(names, tensors, self.values):
-            if now.shape != then.shape or not torch.equal(now.detach(), then):
+            if now.shape != then.shape or not _identical(now.detach(), then):
                 return f"the values of {name} changed (a training step, a .data edit)"
         reduction = _reduction(op.criterion, op._reduction_arg)
         if reduction != self.reduction:
@@ -1207,6 +1220,19 @@ class _ModelPoint:
                 where = f"the module {path}" if path else "the model"
                 return f"a hook was added to or removed from {where}"
         return None
+
+
+def _identical(a: Tensor, b: Tensor) -> bool:
+    """Equal values, NaN equal to NaN.
+
+    A buffer holding NaN (unused, or from ``torch.empty``) has not changed; ``torch.equal``
+    says it always has.
+    """
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()) or a.dtype != b.dtype:
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 # The hooks that change what a module computes or differentiates (state-dict hooks do not).
@@ -1287,7 +1313,8 @@ class KFACInverse(LayoutOperator):
         self._check_point()
         op = self._op
         n = self.shape[0]
-        check_dense_fits("KFACInverse.to_dense", n, op._factor_dtype, self.device)
+        copies = 1 if op._factor_dtype == self.dtype else 2
+        check_dense_fits("KFACInverse.to_dense", n, op._factor_dtype, self.device, copies=copies)
         dense = torch.zeros(n, n, dtype=op._factor_dtype, device=self.device)
         for block in op._blocks:
             _, qa, _, qg = op._basis(block)

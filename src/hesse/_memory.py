@@ -77,23 +77,29 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def activation_bytes(f: Callable[[Tensor], object], theta: Tensor) -> int:
+def activation_bytes(
+    f: Callable[[Tensor], object], theta: Tensor, data: Sequence[object] = ()
+) -> int:
     """Bytes autograd saves for one evaluation of ``f`` at ``theta`` (its activations).
 
-    A saved view counts the span of its storage it reaches, not the whole storage: a
-    sample ``x[0]`` of a batch, or a slice of a large dataset, holds its own bytes only.
-    Views of one storage count once, as the span from the lowest to the highest byte any
-    of them reaches.
+    A saved tensor keeps its whole storage alive, and counts it, with one exception: a view
+    of a tensor in ``data`` (the batch ``f`` reads; it exists anyway) counts only the span
+    it reaches, so a sample ``x[0]`` of a batch, or a slice of a large dataset, holds its own
+    bytes, not the batch's. Storages count once (the span of all their views in ``data``).
     """
+    given = {x.untyped_storage().data_ptr() for x in data if isinstance(x, Tensor)}
     spans: dict[int, tuple[int, int]] = {}
 
     def pack(t: Tensor) -> Tensor:
-        if t.numel():
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in given:
+            spans[ptr] = (0, storage.nbytes())
+        elif t.numel():
             size = t.element_size()
             start = int(t.storage_offset()) * size
             reach = sum((int(n) - 1) * abs(int(s)) for n, s in zip(t.shape, t.stride()))
             end = start + (reach + 1) * size
-            ptr = t.untyped_storage().data_ptr()
             lo, hi = spans.get(ptr, (start, end))
             spans[ptr] = (min(lo, start), max(hi, end))
         return t
@@ -148,19 +154,17 @@ def plan_chunk(
     budget = None if available is None else int(available * MEMORY_FRACTION)
 
     def fail(needed: int, detail: str, working_set: bool) -> MemoryBudgetError:
-        shape = " x ".join(map(str, output_shape))
-        fitting = [
-            text if size is None else f"{text} ({format_bytes(size)})"
-            for text, size in alternatives
-            if size is None or (budget is not None and size <= budget // 2)
-        ]
-        if working_set:  # the result fits: fewer columns per pass need less working memory
-            fitting.append("a smaller chunk_size for a smaller working set")
-        return MemoryBudgetError(
-            f"{what}: needs about {format_bytes(needed)} ({detail}) but about "
-            f"{format_bytes(budget or 0)} can be used on {device} "
-            f"({format_bytes(available or 0)} available). The result alone is {shape} {dtype} "
-            f"= {format_bytes(out_bytes)}. Alternatives: {'; '.join(fitting)}."
+        extra = ["a smaller chunk_size for a smaller working set"] if working_set else []
+        return _refusal(
+            what,
+            needed,
+            detail,
+            (budget, available),
+            device,
+            output_shape,
+            dtype,
+            alternatives,
+            extra,
         )
 
     if budget is not None and out_bytes > budget:
@@ -188,31 +192,63 @@ def plan_chunk(
     return ChunkPlan(chunk, out_bytes, working, available)
 
 
+def _refusal(
+    what: str,
+    needed: int,
+    detail: str,
+    memory: tuple[int | None, int | None],
+    device: torch.device,
+    output_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    alternatives: Sequence[Alternative],
+    extra: Sequence[str] = (),
+) -> MemoryBudgetError:
+    """The error: what was needed and why, what can be used, and the alternatives that fit."""
+    budget, available = memory
+    out_bytes = math.prod(output_shape) * torch.empty((), dtype=dtype).element_size()
+    fitting = [
+        text if size is None else f"{text} ({format_bytes(size)})"
+        for text, size in alternatives
+        if size is None or (budget is not None and size <= budget // 2)
+    ]
+    return MemoryBudgetError(
+        f"{what}: needs about {format_bytes(needed)} ({detail}) but about "
+        f"{format_bytes(budget or 0)} can be used on {device} "
+        f"({format_bytes(available or 0)} available). The result alone is "
+        f"{' x '.join(map(str, output_shape))} {dtype} = {format_bytes(out_bytes)}. "
+        f"Alternatives: {'; '.join([*fitting, *extra])}."
+    )
+
+
 def check_dense_fits(
     what: str,
     n: int,
     dtype: torch.dtype,
     device: torch.device,
     alternatives: Sequence[Alternative] = (),
+    *,
+    copies: int = 1,
 ) -> None:
     """Refuse an operator's ``(N, N)`` matrix before allocating it when it would not fit.
 
+    ``copies``: the ``N x N`` matrices the method holds at once (the result, an identity it
+    multiplies, a sum's terms).
+
     Raises:
-        MemoryBudgetError: ``N x N`` entries of ``dtype`` exceed the available memory.
+        MemoryBudgetError: ``copies`` such matrices exceed the available memory.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    plan_chunk(
-        what=what,
-        n=n,
-        lead=(),
-        output_shape=(n, n),
-        dtype=dtype,
-        device=device,
-        chunk_size=1,
-        activations=lambda: 0,
-        alternatives=[
-            ("products op @ V with fewer columns", None),
-            ("op.diagonal()", n * itemsize),
-            *alternatives,
-        ],
-    )
+    available = available_bytes(device)
+    if available is None:
+        return
+    budget = int(available * MEMORY_FRACTION)
+    needed = copies * n * n * itemsize
+    if needed <= budget:
+        return
+    detail = "the result alone" if copies == 1 else f"{copies} N x N matrices at once"
+    options = [
+        ("products op @ V with fewer columns", None),
+        ("op.diagonal()", n * itemsize),
+        *alternatives,
+    ]
+    raise _refusal(what, needed, detail, (budget, available), device, (n, n), dtype, options)

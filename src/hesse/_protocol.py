@@ -127,7 +127,8 @@ class Operator(ABC):
                 before allocating).
         """
         n = self.shape[0]
-        check_dense_fits(f"{type(self).__name__}.to_dense", n, self.dtype, self.device)
+        # The identity it multiplies and the result.
+        check_dense_fits(f"{type(self).__name__}.to_dense", n, self.dtype, self.device, copies=2)
         return self @ torch.eye(n, dtype=self.dtype, device=self.device)
 
     def to_scipy(self) -> Any:
