@@ -360,3 +360,15 @@ def test_inputs_the_model_does_not_take_are_named(is_batch: bool) -> None:
         hesse.model_hessian_matrix(model, wide, is_batch=is_batch)
     with pytest.raises(ValueError, match=r"inputs, target: the model and criterion fail on"):
         hesse.per_sample_loss_hessian(model, nn.MSELoss(), wide, y)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_a_missing_second_derivative_is_named_as_the_models() -> None:
+    # torch has no double backward for nn.EmbeddingBag: not a data problem, as it was named.
+    model = nn.Sequential(nn.EmbeddingBag(5, 3, mode="sum"), nn.Linear(3, 2))
+    ids, y = torch.tensor([[0, 1], [2, 3], [4, 0]]), torch.tensor([0, 1, 0])
+    with (
+        state_preserved(model),
+        pytest.raises(ValueError, match=r"model: torch lacks a derivative"),
+    ):
+        hesse.GGNOperator(model, nn.CrossEntropyLoss(), (ids, y)).to_dense()

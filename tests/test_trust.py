@@ -643,6 +643,65 @@ def test_functional_dropout_is_off() -> None:
     assert_close(hesse.loss_hessian_matrix(model, nn.MSELoss(), x, y), first, rtol=0)
 
 
+class _AttentionAndRNN(nn.Module):
+    """Dropout inside kernels: MultiheadAttention without weights (SDPA), LSTM between
+    layers, and scaled_dot_product_attention called directly as HuggingFace models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)
+        self.rnn = nn.LSTM(4, 4, num_layers=2, dropout=0.5, batch_first=True)
+        self.q = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.p = 0.5
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.attention(x, x, x, need_weights=False)
+        h, _ = self.rnn(h)
+        p = self.p if self.training else 0.0
+        h = nn.functional.scaled_dot_product_attention(self.q(h), h, h, dropout_p=p)
+        return self.head(h.mean(1))
+
+
+def test_training_mode_keeps_dropout_inside_attention_and_recurrent_kernels_off() -> None:
+    torch.manual_seed(0)
+    model = _AttentionAndRNN().to(F64)
+    x, y = torch.randn(3, 5, 4, dtype=F64), torch.randn(3, 2, dtype=F64)
+    crit = nn.MSELoss()
+    # The oracle: the same model with every dropout rate at zero, in training mode.
+    twin = copy.deepcopy(model)
+    twin.attention.dropout, twin.rnn.dropout, twin.p = 0.0, 0.0, 0.0
+    # Plain autograd differentiates attention twice only through its math kernel.
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        expected = oracle(twin, crit, [(x, y)], training=True)
+    with state_preserved(model):
+        got = hesse.loss_hessian_matrix(model, crit, x, y, training=True)
+    assert_close(got, expected)
+    assert model.attention.dropout == 0.5 and model.rnn.dropout == 0.5
+    op = hesse.HessianOperator(model, crit, (x, y), training=True)
+    v = torch.randn(op.shape[0], generator=_gen(21), dtype=F64)
+    assert_close(op @ v, expected @ v)
+
+
+@pytest.mark.parametrize("kwargs", [{"padding_idx": 0}, {"max_norm": 1.0}], ids=str)
+def test_embedding_forward_mode_paths_agree_with_reverse_mode(kwargs: dict[str, Any]) -> None:
+    # Forward mode carried the padding row's tangent (reverse mode zeroes its gradient) and the
+    # max_norm rescaling's: the model Hessian (forward over reverse) and a GGN product were
+    # not symmetric / not the matrix's.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3, **kwargs), nn.Flatten(), nn.Linear(6, 2)).to(F64)
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    ids = torch.tensor([[0, 1], [2, 0], [3, 4]])
+    h = hesse.model_hessian_matrix(model, ids)
+    assert_close(h, h.transpose(-1, -2))
+    summed = hesse.loss_hessian_matrix(model, lambda out, t: out.sum(), ids, None)
+    assert_close(h.sum((0, 1)), summed)
+    ggn = hesse.GGNOperator(model, nn.MSELoss(), (ids, torch.randn(3, 2, dtype=F64)))
+    v = torch.randn(ggn.shape[0], generator=_gen(22), dtype=F64)
+    assert_close(ggn @ v, ggn.to_dense() @ v)
+
+
 def test_dataloader_products_follow_the_data() -> None:
     """A DataLoader is read anew for each product (documented: it advances torch's RNG)."""
     model, x, y = _net()

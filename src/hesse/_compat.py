@@ -150,6 +150,19 @@ def _no_dropout(input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     return input
 
 
+def _attention_no_dropout(*args: Any, **kwargs: Any) -> Tensor:
+    """``scaled_dot_product_attention`` with ``dropout_p=0``.
+
+    Attention modules pass their dropout as an argument (``nn.MultiheadAttention`` without
+    weights, HuggingFace's ``dropout_p=p if self.training else 0``), not through F.dropout.
+    """
+    if len(args) > 4:
+        args = (*args[:4], 0.0, *args[5:])
+    if "dropout_p" in kwargs:
+        kwargs["dropout_p"] = 0.0
+    return F.scaled_dot_product_attention(*args, **kwargs)
+
+
 def _embedding(
     input: Tensor,
     weight: Tensor,
@@ -163,19 +176,25 @@ def _embedding(
         # torch renormalises the looked-up rows of the weight in place, under no_grad, so that
         # derivatives are taken at the renormalised values with an identity Jacobian. The same
         # out of place (a view of hesse's flat parameters cannot be written): value r(w),
-        # derivative of w.
-        with torch.no_grad():
-            norms = torch.linalg.vector_norm(weight, ord=norm_type, dim=1)
-            used = torch.zeros_like(norms).scatter(0, input.reshape(-1), 1.0) > 0
-            scale = torch.where(used & (norms > max_norm), max_norm / (norms + 1e-7), 1.0)
-            shift = weight * (scale[:, None] - 1)
-        weight = weight + shift
-    return F.embedding(input, weight, padding_idx, None, norm_type, scale_grad_by_freq, sparse)
+        # derivative of w. Detached, not only under no_grad, which forward mode ignores.
+        w = weight.detach()
+        norms = torch.linalg.vector_norm(w, ord=norm_type, dim=1)
+        used = torch.zeros_like(norms).scatter(0, input.reshape(-1), 1.0) > 0
+        scale = torch.where(used & (norms > max_norm), max_norm / (norms + 1e-7), 1.0)
+        weight = weight + w * (scale[:, None] - 1)
+    if padding_idx is not None:
+        # The padding row gets no gradient in reverse mode, but forward mode carries its
+        # tangent: both see it as a constant when it is one (the same values).
+        row = padding_idx if padding_idx >= 0 else weight.shape[0] + padding_idx
+        pad = torch.arange(weight.shape[0], device=weight.device) == row
+        weight = torch.where(pad[:, None], weight.detach(), weight)
+    return F.embedding(input, weight, None, None, norm_type, scale_grad_by_freq, sparse)
 
 
 _DECOMPOSITIONS: dict[Callable[..., Any], Callable[..., Tensor]] = {
     torch._weight_norm: _weight_norm,
     F.embedding: _embedding,
+    F.scaled_dot_product_attention: _attention_no_dropout,
     F.dropout: _no_dropout,
     F.dropout1d: _no_dropout,
     F.dropout2d: _no_dropout,

@@ -77,6 +77,14 @@ def model_fits(
     except (RuntimeError, IndexError) as err:
         if _out_of_memory(err):  # the batch may fit the model, just not the memory
             raise
+        if isinstance(err, NotImplementedError) and "derivative for" in str(err):
+            # Not the data: torch cannot differentiate an operation of the model as often as
+            # curvature needs (nn.EmbeddingBag has no double backward).
+            raise ValueError(
+                f"model: torch lacks a derivative that curvature needs for one of the model's "
+                f"operations ({err}). Select parameters before that operation with "
+                "params=[...], or replace the layer (nn.EmbeddingBag: nn.Embedding and a sum)."
+            ) from err
         if not criterion:
             if batched:
                 given = _describe(batch.signature(), has_target=False)

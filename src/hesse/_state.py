@@ -63,12 +63,24 @@ def model_state(model: nn.Module, *, training: bool = False) -> Iterator[None]:
         wanted = training and not isinstance(module, _DropoutNd)
         if was != wanted:  # Module.__setattr__ is slow; skip no-ops
             module.training = wanted
+    # Recurrent and attention layers apply dropout inside one kernel call, by their own
+    # attribute, out of reach of hesse's F.dropout substitute (their training flag stays:
+    # cuDNN's recurrent backward needs it).
+    inner: list[tuple[nn.Module, object]] = [
+        (m, m.dropout)
+        for m in model.modules()
+        if isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and m.dropout
+    ]
     if training:
         for m in tracking:
             m.track_running_stats = False
+        for layer, _ in inner:
+            layer.dropout = 0.0  # type: ignore[assignment]
     try:
         yield
     finally:
+        for layer, rate in inner:
+            layer.dropout = rate  # type: ignore[assignment]
         for m in tracking:
             m.track_running_stats = True
         for module, was in flags:
