@@ -372,3 +372,8 @@ def test_a_missing_second_derivative_is_named_as_the_models() -> None:
         pytest.raises(ValueError, match=r"model: torch lacks a derivative"),
     ):
         hesse.GGNOperator(model, nn.CrossEntropyLoss(), (ids, y)).to_dense()
+    with (
+        state_preserved(model),
+        pytest.raises(ValueError, match=r"model: torch lacks a derivative"),
+    ):
+        hesse.loss_hessian_matrix(model, nn.CrossEntropyLoss(), ids, y)

@@ -12,7 +12,7 @@ from torch import Tensor
 from hesse._transforms import _out_of_memory
 from hesse._validate import normal_tensor, normalize_inputs
 
-__all__ = ["Batch", "Dataset", "as_dataset", "model_fits"]
+__all__ = ["Batch", "Dataset", "as_dataset", "missing_derivative", "model_fits"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,21 @@ def _describe(signature: tuple[Any, ...], *, has_target: bool = True) -> str:
     return "inputs [" + "; ".join(parts[:-1]) + "], target " + parts[-1]
 
 
+def missing_derivative(err: BaseException) -> ValueError | None:
+    """The error for torch lacking a derivative of one of the model's operations, if it is one.
+
+    Curvature differentiates twice, and torch cannot always (nn.EmbeddingBag has no double
+    backward): the model's limit, not a problem with the data or the call.
+    """
+    if not (isinstance(err, NotImplementedError) and "derivative for" in str(err)):
+        return None
+    return ValueError(
+        f"model: torch lacks a derivative that curvature needs for one of the model's "
+        f"operations ({err}). Select parameters before that operation with params=[...], or "
+        "replace the layer (nn.EmbeddingBag: nn.Embedding and a sum)."
+    )
+
+
 @contextmanager
 def model_fits(
     name: str,
@@ -77,14 +92,9 @@ def model_fits(
     except (RuntimeError, IndexError) as err:
         if _out_of_memory(err):  # the batch may fit the model, just not the memory
             raise
-        if isinstance(err, NotImplementedError) and "derivative for" in str(err):
-            # Not the data: torch cannot differentiate an operation of the model as often as
-            # curvature needs (nn.EmbeddingBag has no double backward).
-            raise ValueError(
-                f"model: torch lacks a derivative that curvature needs for one of the model's "
-                f"operations ({err}). Select parameters before that operation with "
-                "params=[...], or replace the layer (nn.EmbeddingBag: nn.Embedding and a sum)."
-            ) from err
+        named = missing_derivative(err)
+        if named is not None:  # not the data
+            raise named from err
         if not criterion:
             if batched:
                 given = _describe(batch.signature(), has_target=False)

@@ -26,7 +26,7 @@ from hesse._curvature import (
     sample_loss_curvature,
     sample_model_curvature,
 )
-from hesse._data import Batch, model_fits
+from hesse._data import Batch, missing_derivative, model_fits
 from hesse._functional import evaluate, loss
 from hesse._layout import ParamLayout, Params
 from hesse._memory import plan_chunk
@@ -191,7 +191,13 @@ def _run(model: nn.Module, build: Callable[[], Any], training: bool = False) -> 
     Every evaluation of the model inside goes through `hesse._functional`.
     """
     with model_scope(check_model(model), training=check_training(training)):
-        return build()
+        try:
+            return build()
+        except NotImplementedError as err:
+            named = missing_derivative(err)
+            if named is None:
+                raise
+            raise named from err
 
 
 # --------------------------------------------------------------------------------------------
