@@ -69,7 +69,8 @@ class Curvature:
     columns: Callable[[ParamLayout, Tensor, slice], ColumnFn]
     activations: Callable[[ParamLayout, Tensor], int]
     layered: Callable[[Tensor], dict[str, Tensor]] | None = None
-    # The public call that gives this map's exact diagonal, to suggest; None: there is none.
+    # The public call that gives this map's exact diagonal, to suggest; None: there is none,
+    # or a diagonal (and diagonal blocks) would not serve the call (sharpness).
     diagonal: str | None = "hesse.model_hessian_diagonal"
 
 
@@ -263,8 +264,8 @@ def alternatives(c: Curvature, *, diagonal: bool = True, blocks: bool = True) ->
     """Cheaper calls than a dense result, with their result sizes.
 
     ``diagonal=False`` when the failing call is the diagonal itself; ``blocks=False`` when it
-    already asks for the diagonal blocks only. Neither exists where ``c.diagonal`` is None
-    (per-sample loss Hessians).
+    already asks for the diagonal blocks only. Neither is offered where ``c.diagonal`` is None
+    (per-sample loss Hessians, sharpness).
     """
     itemsize = c.layout.dtype.itemsize
     lanes = math.prod(c.lead)
@@ -287,6 +288,8 @@ def _plan(
     what: str,
     out: tuple[int, ...],
     chunk_size: int | None,
+    *,
+    blocks: bool = True,
 ) -> int:
     return plan_chunk(
         what=what,
@@ -297,23 +300,26 @@ def _plan(
         device=sub.device,
         chunk_size=chunk_size,
         activations=lambda: c.activations(sub, theta),
-        # Diagonals and blocks are no substitute for the eigenvalues sharpness needs; a call
-        # planned block by block already asks for the blocks only.
-        alternatives=alternatives(
-            c,
-            diagonal=len(out) > len(c.lead) + 1 and not what.endswith("sharpness"),
-            blocks=not what.endswith("sharpness") and ", block " not in what,
-        ),
+        alternatives=alternatives(c, diagonal=len(out) > len(c.lead) + 1, blocks=blocks),
     ).chunk
 
 
 def dense(
-    c: Curvature, sub: ParamLayout, chunk_size: int | None, what: str, theta: Tensor | None = None
+    c: Curvature,
+    sub: ParamLayout,
+    chunk_size: int | None,
+    what: str,
+    theta: Tensor | None = None,
+    *,
+    blocks: bool = True,
 ) -> Tensor:
-    """The ``(*lead, n, n)`` Hessian of the blocks of ``sub``, planned to fit in memory."""
+    """The ``(*lead, n, n)`` Hessian of the blocks of ``sub``, planned to fit in memory.
+
+    ``blocks=False``: the call already asks for diagonal blocks only (not to be suggested).
+    """
     theta = sub.gather(c.model) if theta is None else theta
     n = sub.numel
-    chunk = _plan(c, sub, theta, what, (*c.lead, n, n), chunk_size)
+    chunk = _plan(c, sub, theta, what, (*c.lead, n, n), chunk_size, blocks=blocks)
     return dense_from_columns(partial(c.columns, sub, theta), n, c.lead, chunk, theta)
 
 

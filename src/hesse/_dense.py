@@ -10,6 +10,7 @@ only choose which composition.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -140,7 +141,9 @@ def _diagonal_blocks(c: Curvature, chunk_size: int | None, what: str) -> dict[st
     """``{P: (*lead, n_P, n_P)}``: only the diagonal blocks are computed."""
     # Each block is planned (and refused) on its own: the message names it.
     return {
-        name: dense(c, c.layout.restrict([name]), chunk_size, f"{what}, block {name!r}")
+        name: dense(
+            c, c.layout.restrict([name]), chunk_size, f"{what}, block {name!r}", blocks=False
+        )
         for name in c.layout.names
     }
 
@@ -483,7 +486,9 @@ def model_sharpness(
 
     def build() -> Tensor:
         c = _model_curvature(model, inputs, params, is_batch, training, what)
-        return dense_sharpness(_matrix(c, False, chunk_size, what)).to(c.layout.dtype)
+        # No diagonal to suggest: it gives no sharpness.
+        matrix = _matrix(replace(c, diagonal=None), False, chunk_size, what)
+        return dense_sharpness(matrix).to(c.layout.dtype)
 
     return _run(model, build, training)
 
@@ -768,7 +773,7 @@ def loss_sharpness(
         c = _loss_curvature(model, criterion, inputs, target, params)
         dtype = c.layout.dtype
         if c.layout.numel <= DENSE_LIMIT:
-            matrix = _matrix(c, False, check_chunk_size(chunk_size), what)
+            matrix = _matrix(replace(c, diagonal=None), False, check_chunk_size(chunk_size), what)
             if not bool(torch.isfinite(matrix).all()):
                 raise not_finite
             return dense_sharpness(matrix).to(dtype)

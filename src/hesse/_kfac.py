@@ -557,6 +557,7 @@ class KFACOperator(LayoutOperator):
         *,
         backward: bool,
         by_term: bool = False,
+        check_layers: bool = True,
     ) -> int:
         """One pass over the data, handing each batch to ``visit``; the samples, over all ranks.
 
@@ -564,6 +565,8 @@ class KFACOperator(LayoutOperator):
         ``(K, B, T, d_out)`` (float32 or wider), and the weight ``w_b ω_b``. ``by_term``: the
         type-2 columns one loss term (position) each, in several calls per batch when the
         outputs have positions (`_by_term`); ``visit`` must then only sum over the columns.
+        ``check_layers=False``: a pass of a refresh whose first pass made the layer-use check
+        (`_check_used_in_layers_only`) on the same model.
         """
         generator = torch.Generator(device="cpu").manual_seed(
             (self._seed + self.shard.rank) % 2**63
@@ -600,30 +603,30 @@ class KFACOperator(LayoutOperator):
                     f = evaluate(self.model, leaves, batch.inputs)
                     _check_output(self.criterion, f, batch.target)
                 inputs = [self._inputs(s, r, batch.size) for s, r in zip(self._sites, records)]
-                if count == batch.size:  # the first batch with samples
+                if check_layers and count == batch.size:  # the first batch with samples
                     self._check_used_in_layers_only(f, leaves, records, inputs)
-                grads: list[Tensor | None] = [None] * len(self._sites)
-                weight = 0.0
-                if backward:
-                    assert batch.target is not None
-                    with model_fits("data", batch, self.dtype, where=f"batch {index}"):
-                        u, omega = _columns(
-                            self.criterion,
-                            self.fisher_type,
-                            f,
-                            batch.target,
-                            self.mc_samples,
-                            generator,
-                        )
-                    weight = omega * (batch.size if self.reduction == "mean" else 1.0)
-                    split = by_term and self.fisher_type == "type-2"
-                    for columns in _by_term(self.criterion, f, u) if split else [u]:
-                        with torch.enable_grad():
-                            got = _batched_grad(f, [r.z for r in records], columns)
-                        grads = [self._gradients(s, g) for s, g in zip(self._sites, got)]
-                        visit(batch, inputs, grads, weight)
+                if not backward:
+                    visit(batch, inputs, [None] * len(self._sites), 0.0)
                     continue
-                visit(batch, inputs, grads, weight)
+                assert batch.target is not None
+                with model_fits("data", batch, self.dtype, where=f"batch {index}"):
+                    u, omega = _columns(
+                        self.criterion,
+                        self.fisher_type,
+                        f,
+                        batch.target,
+                        self.mc_samples,
+                        generator,
+                    )
+                weight = omega * (batch.size if self.reduction == "mean" else 1.0)
+                split = by_term and self.fisher_type == "type-2"
+                for columns in _by_term(self.criterion, f, u) if split else [u]:
+                    with torch.enable_grad():
+                        got = _batched_grad(f, [r.z for r in records], columns)
+                    grads: list[Tensor | None] = [
+                        self._gradients(s, g) for s, g in zip(self._sites, got)
+                    ]
+                    visit(batch, inputs, grads, weight)
         if self.shard.distributed:
             count = int(self.shard.all_reduce(torch.tensor([float(count)], dtype=torch.float64)))
         if count == 0:
@@ -1086,7 +1089,7 @@ class EKFACOperator(KFACOperator):
                     x = a.new_ones(*a.shape[:-1], 1) if bias else a[..., : block.d_a]
                     corrections[id(block)].add_(_correction(g @ qg, x @ qa), alpha=w)
 
-        count = self._pass(visit, backward=True, by_term=True)
+        count = self._pass(visit, backward=True, by_term=True, check_layers=False)
         eigenvalues: dict[str, dict[str, Tensor]] = {}
         for block in self._blocks:
             s = self.shard.all_reduce(corrections[id(block)])
